@@ -1,0 +1,37 @@
+# Entry points named in the README. `make install` is idempotent: each step leaves a stamp in the
+# virtual environment and reruns only when its inputs change.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo bench clean-venv
+
+install: $(VENV)/.stamp-thyroid_det
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --upgrade pip
+
+$(VENV)/.stamp-torch: | $(PYTHON)
+	$(PYTHON) -m pip install $(TORCH)
+	touch $@
+
+$(VENV)/.stamp-detectron2: scripts/install_detectron2.py $(VENV)/.stamp-torch
+	$(PYTHON) scripts/install_detectron2.py
+	touch $@
+
+$(VENV)/.stamp-thyroid_det: setup.py $(VENV)/.stamp-detectron2
+	$(PYTHON) -m pip install -e '.[dev]'
+	touch $@
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	$(PYTHON) tools/train_net.py --config-file configs/mccnn_synthetic.yaml
+
+bench: install
+	$(PYTHON) tools/benchmark.py
+
+clean-venv:
+	rm -rf $(VENV)

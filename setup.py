@@ -1,0 +1,21 @@
+"""thyroid_det: MC-CNN thyroid nodule detection and recognition as a detectron2 plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="thyroid_det",
+    version="0.1.0",
+    description="MC-CNN (multi-scale SSD + spatial pyramid refiner) for thyroid nodules, on detectron2",
+    packages=find_packages(include=["thyroid_det", "thyroid_det.*"]),
+    python_requires=">=3.9",
+    # torch, torchvision and detectron2 are installed by `make install` (detectron2 is not on PyPI).
+    install_requires=[
+        "numpy",
+        "opencv-python-headless",
+        "pycocotools",
+        "fvcore",
+        "scikit-learn",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest"]},
+)

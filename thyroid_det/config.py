@@ -1,0 +1,142 @@
+"""Config keys that thyroid_det adds to detectron2's defaults."""
+from detectron2.config import CfgNode as CN
+
+
+def add_mccnn_config(cfg):
+    """Add MC-CNN's keys to a detectron2 config (``get_cfg()``) in place."""
+    _C = cfg
+
+    # Ultrasound is grayscale: one channel enters the model. Mean/std measured on 400 TN5000
+    # training images read as grayscale (tools/ and README say how).
+    _C.INPUT.FORMAT = "L"
+    _C.MODEL.PIXEL_MEAN = [58.6]
+    _C.MODEL.PIXEL_STD = [50.2]
+
+    # ---------------------------------------------------------------------------------------
+    # Data
+    # ---------------------------------------------------------------------------------------
+    # Extra COCO-format datasets to register before training: a list of
+    # [name, json_file, image_root]; then name them in DATASETS.TRAIN / DATASETS.TEST.
+    _C.DATASETS.COCO_REGISTER = []
+
+    # SSD-style training augmentation (paper V-B), applied by thyroid_det's mapper.
+    _C.INPUT.SSD_AUG = CN()
+    # Turn the whole SSD augmentation pipeline on or off (off: resize + flip only).
+    _C.INPUT.SSD_AUG.ENABLED = True
+    # Random brightness/contrast jitter (grayscale photometric distortion).
+    _C.INPUT.SSD_AUG.PHOTOMETRIC = True
+    # Zoom-out: probability and the range of the canvas-to-image size ratio.
+    _C.INPUT.SSD_AUG.EXPAND_PROB = 0.5
+    _C.INPUT.SSD_AUG.EXPAND_RATIO = (1.0, 3.0)
+    # Random crop that keeps at least one of these IoUs with some nodule (0.0: any crop).
+    _C.INPUT.SSD_AUG.MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
+    # Probability of keeping the whole image instead of a random crop.
+    _C.INPUT.SSD_AUG.CROP_SKIP_PROB = 1.0 / 6
+    # The network input size (height, width) both for training and testing: SSD is fixed-size.
+    _C.INPUT.FIXED_SIZE = (512, 512)
+
+    # ---------------------------------------------------------------------------------------
+    # VGG-16 backbone (truncated for SSD) and its extra layers
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.VGG = CN()
+    # Normalisation after each conv of VGG and the extra layers: "", "BN", "GN", "SyncBN".
+    _C.MODEL.VGG.NORM = "GN"
+    # Multiplier on every VGG/extra-layer channel count (1.0 = the published VGG-16).
+    _C.MODEL.VGG.WIDTH_MULT = 1.0
+    # Initial value of the learnt L2-normalisation scale on conv4_3.
+    _C.MODEL.VGG.CONV4_3_SCALE = 20.0
+    # Output channels of each extra level after fc7; each halves the resolution.
+    _C.MODEL.VGG.EXTRA_CHANNELS = [512, 256, 256, 256]
+    # Named outputs: a subset of "conv4_3", "fc7", "extra1".. "extraN".
+    _C.MODEL.VGG.OUT_FEATURES = ["conv4_3", "fc7", "extra1", "extra2", "extra3", "extra4"]
+
+    # ---------------------------------------------------------------------------------------
+    # Nodule-prior anchors
+    # ---------------------------------------------------------------------------------------
+    # Per-level anchor sizes as fractions of sqrt(image area), e.g. [[0.05], [0.1], ...].
+    # When non-empty they replace MODEL.ANCHOR_GENERATOR.SIZES (absolute pixels).
+    _C.MODEL.ANCHOR_GENERATOR.RELATIVE_SIZES = []
+    # Add SSD's extra square box of size sqrt(s_k * s_{k+1}) on each level.
+    _C.MODEL.ANCHOR_GENERATOR.SSD_EXTRA_SCALE = True
+
+    # ---------------------------------------------------------------------------------------
+    # Multi-scale SSD detector (Ec)
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.SSD = CN()
+    # Backbone outputs that get a prediction head, from fine to coarse.
+    _C.MODEL.SSD.IN_FEATURES = ["conv4_3", "fc7", "extra1", "extra2", "extra3", "extra4"]
+    # Foreground classes (benign, malignant).
+    _C.MODEL.SSD.NUM_CLASSES = 2
+    # Anchor-to-ground-truth matching: IoU >= threshold is foreground.
+    _C.MODEL.SSD.IOU_THRESHOLDS = [0.5]
+    _C.MODEL.SSD.IOU_LABELS = [0, 1]
+    # Box coding weights (dx, dy, dw, dh), as in SSD.
+    _C.MODEL.SSD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # Smooth-L1 beta of the box loss.
+    _C.MODEL.SSD.SMOOTH_L1_BETA = 1.0
+    # Hard negative mining: negatives kept per positive.
+    _C.MODEL.SSD.NEG_POS_RATIO = 3
+    # Inference: minimum foreground score, candidates kept before NMS, NMS IoU.
+    _C.MODEL.SSD.SCORE_THRESH_TEST = 0.01
+    _C.MODEL.SSD.TOPK_CANDIDATES_TEST = 400
+    _C.MODEL.SSD.NMS_THRESH_TEST = 0.45
+    # NMS across classes: one nodule is never reported as both benign and malignant.
+    _C.MODEL.SSD.CLASS_AGNOSTIC_NMS = True
+
+    # ---------------------------------------------------------------------------------------
+    # Refiner (Ef) network and its ROI heads
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.REFINER = CN()
+    # Network from REFINER_REGISTRY: "AlexNetSPConv5" (paper's best), "AlexNetSPPool5",
+    # "AlexNet", "GoogLeNet".
+    _C.MODEL.REFINER.NAME = "AlexNetSPConv5"
+    # Side of the square crop fed to the refiner, in pixels.
+    _C.MODEL.REFINER.INPUT_SIZE = 224
+    # Spatial pyramid kernel sizes (pooling and convolution), one per level.
+    _C.MODEL.REFINER.PYRAMID_LEVELS = [1, 3, 5]
+    # Width of the refiner's fully connected layers.
+    _C.MODEL.REFINER.FC_DIM = 4096
+    # Dropout before each fully connected layer.
+    _C.MODEL.REFINER.DROPOUT = 0.5
+    # Normalisation in the refiner's conv layers: "", "BN", "GN".
+    _C.MODEL.REFINER.NORM = "BN"
+    # Context kept around each box, as a fraction of its width/height on each side.
+    _C.MODEL.REFINER.CONTEXT_MARGIN = 0.2
+    # How fine probabilities combine with coarse ones: "product" (eq. 7, renormalised),
+    # "geometric_mean" or "fine_only".
+    _C.MODEL.REFINER.FUSION = "product"
+    # Crops per box averaged at test time (1 = the box itself; more add jittered crops).
+    _C.MODEL.REFINER.TEST_CROPS = 1
+    # Training: jittered copies of each ground-truth box added to the crops, and the jitter
+    # scale (fraction of box size) for those copies.
+    _C.MODEL.REFINER.GT_JITTER_COPIES = 4
+    _C.MODEL.REFINER.GT_JITTER = 0.1
+    # Training: detections with IoU >= this against a ground truth are used as its crops.
+    _C.MODEL.REFINER.DETECTION_IOU = 0.5
+    # Training: at most this many crops per image.
+    _C.MODEL.REFINER.BATCH_SIZE_PER_IMAGE = 16
+
+    # ---------------------------------------------------------------------------------------
+    # The MC-CNN cascade
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.MCCNN = CN()
+    # "sequential" (algorithm 2: train Ec, then freeze it and train Ef) or "joint" (eq. 8).
+    _C.MODEL.MCCNN.SCHEDULE = "sequential"
+    # Sequential schedule: iterations spent on Ec before it is frozen and Ef trains.
+    _C.MODEL.MCCNN.DETECTOR_ITERS = 1000
+    # Joint schedule: weight of the refiner loss added to Ec's losses.
+    _C.MODEL.MCCNN.REFINER_LOSS_WEIGHT = 1.0
+
+    # ---------------------------------------------------------------------------------------
+    # Clinical evaluation
+    # ---------------------------------------------------------------------------------------
+    _C.TEST.NODULE_EVAL = CN()
+    # IoU at which a detection finds a ground-truth nodule.
+    _C.TEST.NODULE_EVAL.IOU = 0.5
+    # Nodule size groups: upper edges of sqrt(box area) in original-image pixels
+    # (small < first edge <= middle < second edge <= large).
+    _C.TEST.NODULE_EVAL.SIZE_EDGES = [64.0, 160.0]
+    # Bootstrap resamples for the ROC AUC 95% interval.
+    _C.TEST.NODULE_EVAL.BOOTSTRAP = 1000
+    # Per-record metadata fields to break metrics down by (e.g. "age_group").
+    _C.TEST.NODULE_EVAL.GROUP_BY = []

@@ -1,0 +1,5 @@
+from .defaults import setup_cfg
+from .hooks import CascadeStageHook
+from .trainer import Trainer
+
+__all__ = ["setup_cfg", "CascadeStageHook", "Trainer"]

@@ -1,0 +1,34 @@
+"""detectron2's DefaultTrainer with thyroid_det's mapper, evaluators and cascade stage hook."""
+import os
+
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer
+
+from ..data.mapper import SSDDatasetMapper
+from ..evaluation import build_evaluators
+from .hooks import CascadeStageHook
+
+
+class Trainer(DefaultTrainer):
+    """Overrides only the loaders (SSD augmentation, fixed input size), the evaluators (COCO AP
+    plus per-nodule clinical metrics) and, for the cascade, the hook that switches its stage."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=SSDDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=SSDDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluators(cfg, dataset_name, output_folder)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.MODEL.META_ARCHITECTURE == "MCCNN":
+            hooks.insert(0, CascadeStageHook())
+        return hooks
