@@ -25,6 +25,9 @@ def add_mccnn_config(cfg):
     _C.INPUT.SSD_AUG.ENABLED = True
     # Random brightness/contrast jitter (grayscale photometric distortion).
     _C.INPUT.SSD_AUG.PHOTOMETRIC = True
+    # Ranges of the brightness (intensity scale) and contrast (blend with the image mean) factors.
+    _C.INPUT.SSD_AUG.BRIGHTNESS = (0.8, 1.2)
+    _C.INPUT.SSD_AUG.CONTRAST = (0.5, 1.5)
     # Zoom-out: probability and the range of the canvas-to-image size ratio.
     _C.INPUT.SSD_AUG.EXPAND_PROB = 0.5
     _C.INPUT.SSD_AUG.EXPAND_RATIO = (1.0, 3.0)
@@ -96,11 +99,14 @@ def add_mccnn_config(cfg):
     _C.MODEL.REFINER.PYRAMID_LEVELS = [1, 3, 5]
     # Width of the refiner's fully connected layers.
     _C.MODEL.REFINER.FC_DIM = 4096
+    # Multiplier on the AlexNet refiners' conv channels (1.0 = AlexNet); GoogLeNet ignores it.
+    _C.MODEL.REFINER.WIDTH_MULT = 1.0
     # Dropout before each fully connected layer.
     _C.MODEL.REFINER.DROPOUT = 0.5
     # Normalisation in the refiner's conv layers: "", "BN", "GN".
     _C.MODEL.REFINER.NORM = "BN"
-    # Context kept around each box, as a fraction of its width/height on each side.
+    # Context kept around each box, as a fraction of its longer side on each side; crops are
+    # square so the nodule's aspect ratio (taller-than-wide) survives the resize.
     _C.MODEL.REFINER.CONTEXT_MARGIN = 0.2
     # How fine probabilities combine with coarse ones: "product" (eq. 7, renormalised),
     # "geometric_mean" or "fine_only".
@@ -134,8 +140,8 @@ def add_mccnn_config(cfg):
     # IoU at which a detection finds a ground-truth nodule.
     _C.TEST.NODULE_EVAL.IOU = 0.5
     # Nodule size groups: upper edges of sqrt(box area) in original-image pixels
-    # (small < first edge <= middle < second edge <= large).
-    _C.TEST.NODULE_EVAL.SIZE_EDGES = [64.0, 160.0]
+    # (small < first edge <= middle < second edge <= large). Defaults: TN5000's terciles (3956 boxes).
+    _C.TEST.NODULE_EVAL.SIZE_EDGES = [89.0, 139.0]
     # Bootstrap resamples for the ROC AUC 95% interval.
     _C.TEST.NODULE_EVAL.BOOTSTRAP = 1000
     # Per-record metadata fields to break metrics down by (e.g. "age_group").

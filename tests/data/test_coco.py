@@ -1,0 +1,141 @@
+"""COCO route: DATASETS.COCO_REGISTER from the command line, and the TN5000 -> COCO converter."""
+import json
+import os
+
+import numpy as np
+import pytest
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from detectron2.structures import BoxMode
+from PIL import Image
+from pycocotools.coco import COCO
+
+from thyroid_det.config import add_mccnn_config
+from thyroid_det.data.datasets import load_tn5000, records_to_coco, register_coco_datasets
+from thyroid_det.data.datasets.coco import save_json_atomic
+
+
+def write_coco(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(images / "a.png")
+    coco = {
+        "images": [{"id": 7, "file_name": "a.png", "height": 30, "width": 40}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 2, "bbox": [1, 2, 10, 5], "area": 50,
+             "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "benign"}, {"id": 2, "name": "malignant"}],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    return str(tmp_path / "a.json"), str(images)
+
+
+def cfg_from_command_line(opts):
+    cfg = get_cfg()
+    add_mccnn_config(cfg)
+    cfg.merge_from_list(opts)
+    return cfg
+
+
+def test_coco_register_from_command_line_opts(tmp_path):
+    json_file, image_root = write_coco(tmp_path)
+    cfg = cfg_from_command_line(
+        [
+            "DATASETS.COCO_REGISTER", f"[['test_coco_mytrain', '{json_file}', '{image_root}']]",
+            "DATASETS.TRAIN", "('test_coco_mytrain',)",
+        ]
+    )
+    assert cfg.DATASETS.TRAIN == ("test_coco_mytrain",)
+    assert register_coco_datasets(cfg) == ["test_coco_mytrain"]
+    assert register_coco_datasets(cfg) == []  # already registered: skipped
+    (record,) = DatasetCatalog.get("test_coco_mytrain")
+    (ann,) = record["annotations"]
+    assert ann["category_id"] == 1 and ann["bbox"] == [1, 2, 10, 5]
+    assert MetadataCatalog.get("test_coco_mytrain").thing_classes == ["benign", "malignant"]
+    # The registration survives a config dump/reload (what train_net writes to OUTPUT_DIR).
+    dumped = tmp_path / "config.yaml"
+    dumped.write_text(cfg.dump())
+    again = get_cfg()
+    add_mccnn_config(again)
+    again.merge_from_file(str(dumped))
+    assert again.DATASETS.COCO_REGISTER == cfg.DATASETS.COCO_REGISTER
+
+
+def test_coco_register_errors(tmp_path):
+    json_file, image_root = write_coco(tmp_path)
+    cfg = cfg_from_command_line(
+        ["DATASETS.COCO_REGISTER", f"[['test_coco_missing', 'nope.json', '{image_root}']]"]
+    )
+    with pytest.raises(FileNotFoundError, match=r"'test_coco_missing'.*'nope\.json' not found"):
+        register_coco_datasets(cfg)
+    cfg = cfg_from_command_line(["DATASETS.COCO_REGISTER", f"[['test_coco_bad', '{json_file}']]"])
+    with pytest.raises(ValueError, match=r"COCO_REGISTER\[0\].*\[name, json_file, image_root\]"):
+        register_coco_datasets(cfg)
+
+
+def test_records_to_coco_ids_and_boxes(tmp_path):
+    records = [
+        {"file_name": str(tmp_path / "x" / "1.png"), "image_id": "a", "height": 9, "width": 9,
+         "annotations": [{"bbox": [1, 2, 4, 8], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 1}]},
+        {"file_name": str(tmp_path / "x" / "2.png"), "image_id": "b", "height": 9, "width": 9,
+         "annotations": []},
+    ]
+    coco = records_to_coco(records, ["benign", "malignant"], str(tmp_path))
+    assert [im["id"] for im in coco["images"]] == [1, 2]  # string ids replaced
+    assert coco["images"][0]["file_name"] == os.path.join("x", "1.png")
+    assert coco["annotations"] == [
+        {"id": 1, "image_id": 1, "category_id": 2, "bbox": [1.0, 2.0, 3.0, 6.0], "area": 18.0,
+         "iscrowd": 0}
+    ]
+    assert coco["categories"] == [{"id": 1, "name": "benign"}, {"id": 2, "name": "malignant"}]
+
+
+def test_save_json_atomic_replaces_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "a.json"
+    save_json_atomic({"v": 1}, str(path))
+    save_json_atomic({"v": 2}, str(path))
+    assert json.loads(path.read_text()) == {"v": 2}
+    assert os.listdir(path.parent) == ["a.json"]
+    with pytest.raises(TypeError):
+        save_json_atomic({"v": object()}, str(path))
+    assert json.loads(path.read_text()) == {"v": 2} and os.listdir(path.parent) == ["a.json"]
+
+
+def test_converter_round_trip(voc_tree, tmp_path, load_tool):
+    dirname = voc_tree(
+        {
+            "000001": {"content": "a", "objects": [("1", 1, 1, 10, 10)]},
+            "000002": {"content": "a", "objects": [("0", 20, 20, 30, 30)]},
+            "000003": {"objects": [("0", 3, 4, 50, 40)]},
+            "000004": {},
+        },
+        {"train": ["000001", "000003"], "val": ["000002", "000004"]},
+    )
+    tool = load_tool("convert_tn5000_to_coco")
+    out = tmp_path / "coco"
+    entries = tool.main(
+        ["--root", os.path.dirname(dirname), "--splits", "train", "val", "--output-dir", str(out)]
+    )
+    assert [e[0] for e in entries] == ["tn5000_train_coco", "tn5000_val_coco"]
+    for split in ("train", "val"):
+        records = load_tn5000(dirname, split)
+        json_file = str(out / f"tn5000_{split}.json")
+        api = COCO(json_file)
+        assert len(api.getImgIds()) == len(records)
+        assert len(api.getAnnIds()) == sum(len(r["annotations"]) for r in records)
+        back = load_coco_json(json_file, os.path.join(dirname, "JPEGImages"), f"test_rt_{split}")
+        assert MetadataCatalog.get(f"test_rt_{split}").thing_classes == ["benign", "malignant"]
+        for original, loaded in zip(records, back):
+            assert loaded["file_name"] == original["file_name"]
+            assert loaded["image_id"] == original["image_id"]
+            xyxy = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in
+                    loaded["annotations"]]
+            assert sorted(
+                (a["category_id"], tuple(box)) for a, box in zip(loaded["annotations"], xyxy)
+            ) == sorted((a["category_id"], tuple(a["bbox"])) for a in original["annotations"])
+    assert [img["source_ids"] for img in COCO(str(out / "tn5000_val.json")).dataset["images"]] == [
+        ["000001", "000002"],
+        ["000004"],
+    ]

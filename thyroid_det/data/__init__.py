@@ -1,0 +1,3 @@
+"""Data: registered data sets and the SSD-style dataset mapper."""
+from . import datasets  # noqa: F401  (registers the built-in data sets)
+from .mapper import SSDDatasetMapper  # noqa: F401
