@@ -140,7 +140,7 @@ def add_mccnn_config(cfg):
     # IoU at which a detection finds a ground-truth nodule.
     _C.TEST.NODULE_EVAL.IOU = 0.5
     # Nodule size groups: upper edges of sqrt(box area) in original-image pixels
-    # (small < first edge <= middle < second edge <= large). Defaults: TN5000's terciles (3956 boxes).
+    # (small < first edge <= middle < second edge <= large). Default: terciles of TN5000's 3956 boxes.
     _C.TEST.NODULE_EVAL.SIZE_EDGES = [89.0, 139.0]
     # Bootstrap resamples for the ROC AUC 95% interval.
     _C.TEST.NODULE_EVAL.BOOTSTRAP = 1000

@@ -1,6 +1,11 @@
 """Config set-up shared by every command-line tool."""
+import logging
+
+import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_mccnn_config
 from ..data.datasets import register_coco_datasets
@@ -9,6 +14,7 @@ from ..data.datasets import register_coco_datasets
 def setup_cfg(args, freeze=True):
     """get_cfg -> add_mccnn_config -> merge file -> merge opts -> freeze -> default_setup.
 
+    Falls back to the CPU, with a warning, when the config asks for CUDA and there is none.
     Also registers the COCO datasets listed in ``DATASETS.COCO_REGISTER`` so that a config or the
     command line alone can train and evaluate on them.
     """
@@ -16,8 +22,16 @@ def setup_cfg(args, freeze=True):
     add_mccnn_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    asked_device = cfg.MODEL.DEVICE
+    if asked_device.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
     if freeze:
         cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(name="thyroid_det", output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
+    if asked_device != cfg.MODEL.DEVICE:
+        logging.getLogger("thyroid_det").warning(
+            "MODEL.DEVICE is %r but no CUDA device is available: running on the CPU", asked_device
+        )
     register_coco_datasets(cfg)
     return cfg

@@ -1,0 +1,89 @@
+"""Refiner networks (Ef): every variant at every crop size, the spatial pyramid module."""
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+
+from thyroid_det import add_mccnn_config
+from thyroid_det.modeling.refiner_nets import REFINER_REGISTRY, SpatialPyramidModule, build_refiner
+
+VARIANTS = ("AlexNetSPConv5", "AlexNetSPPool5", "AlexNet", "GoogLeNet")
+
+
+def tiny_cfg(name, norm="BN"):
+    cfg = get_cfg()
+    add_mccnn_config(cfg)
+    cfg.MODEL.REFINER.NAME = name
+    cfg.MODEL.REFINER.WIDTH_MULT = 0.125
+    cfg.MODEL.REFINER.FC_DIM = 16
+    cfg.MODEL.REFINER.NORM = norm
+    return cfg
+
+
+def test_every_variant_is_registered():
+    for name in VARIANTS:
+        assert name in REFINER_REGISTRY
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_and_features_for_every_crop_size(name):
+    torch.manual_seed(0)
+    net = build_refiner(tiny_cfg(name)).eval()
+    for size in (64, 96, 128, 224):
+        crops = torch.randn(1, 1, size, size)
+        with torch.no_grad():
+            logits = net(crops)
+            if size in (64, 224):
+                assert net.features(crops).shape == (1, net.feature_dim), (name, size)
+        assert logits.shape == (1, 2), (name, size)
+        assert torch.isfinite(logits).all()
+    expected_dim = 1024 if name == "GoogLeNet" else 16
+    assert net.feature_dim == expected_dim
+
+
+@pytest.mark.parametrize("name", ["AlexNetSPConv5", "AlexNetSPPool5"])
+def test_pyramid_variants_train_with_group_norm(name):
+    torch.manual_seed(0)
+    net = build_refiner(tiny_cfg(name, norm="GN")).train()
+    loss = torch.nn.functional.cross_entropy(net(torch.randn(3, 1, 64, 64)), torch.tensor([0, 1, 1]))
+    loss.backward()
+    assert net.conv1.weight.grad is not None and net.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in net.pyramid.parameters())
+
+
+def test_only_pyramid_variants_have_the_module():
+    nets = {name: build_refiner(tiny_cfg(name)) for name in VARIANTS[:3]}
+    assert nets["AlexNet"].pyramid is None
+    assert nets["AlexNetSPConv5"].pyramid_position == "conv5"
+    assert nets["AlexNetSPPool5"].pyramid_position == "pool5"
+    # The module keeps the channel count, so the variants share fc6's shape.
+    assert nets["AlexNetSPConv5"].fc6.weight.shape == nets["AlexNet"].fc6.weight.shape
+
+
+def test_spatial_pyramid_module_keeps_shape_on_any_map():
+    module = SpatialPyramidModule(24, (1, 3, 5), norm="").eval()
+    assert len(module.levels) == 3
+    for side in (1, 2, 6):
+        x = torch.randn(2, 24, side, side)
+        out = module(x)
+        assert out.shape == x.shape
+        assert (out >= 0).all()  # eq. 5's ReLU
+
+
+def test_spatial_pyramid_module_rejects_even_kernels():
+    with pytest.raises(ValueError, match="odd"):
+        SpatialPyramidModule(16, (1, 2))
+
+
+def test_alexnet_rejects_crops_below_64():
+    net = build_refiner(tiny_cfg("AlexNet")).eval()
+    with pytest.raises(ValueError, match="at least 64"):
+        net(torch.randn(1, 1, 48, 48))
+
+
+def test_refiner_takes_the_configured_input_channels():
+    cfg = tiny_cfg("AlexNetSPConv5")
+    cfg.MODEL.PIXEL_MEAN = [100.0, 100.0, 100.0]
+    cfg.MODEL.PIXEL_STD = [50.0, 50.0, 50.0]
+    net = build_refiner(cfg).eval()
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 2)

@@ -1,0 +1,175 @@
+"""tools/evaluate.py and tools/predict.py end to end: a tiny COCO set, a random-weight model."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+CONFIGS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+
+
+def config_path():
+    for name in ("mssd_vgg16_synthetic.yaml", "mssd_vgg16.yaml"):
+        path = os.path.join(CONFIGS, name)
+        if os.path.exists(path):
+            return path
+    pytest.skip("no SSD config in configs/")
+
+
+@pytest.fixture
+def weights(random_weights):
+    return random_weights(config_path())
+
+
+def nodule_image(rng, height=96, width=128):
+    image = rng.integers(20, 60, (height, width)).astype(np.uint8)
+    x0, y0 = int(rng.integers(5, width - 45)), int(rng.integers(5, height - 45))
+    size = int(rng.integers(15, 40))
+    cv2.ellipse(image, (x0 + size // 2, y0 + size // 2), (size // 2, size // 2), 0, 0, 360, 150, -1)
+    return image, [x0, y0, size, size]
+
+
+def write_coco(root, num_images=4, missing=None):
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(num_images):
+        image, box = nodule_image(rng)
+        file_name = f"img{i}.png"
+        if file_name != missing:
+            cv2.imwrite(str(root / file_name), image)
+        images.append({"id": i + 1, "file_name": file_name, "height": 96, "width": 128})
+        annotations.append(
+            {
+                "id": i + 1,
+                "image_id": i + 1,
+                "category_id": 1 + i % 2,
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
+        )
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "benign"}, {"id": 2, "name": "malignant"}],
+    }
+    path = root / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return str(path)
+
+
+def model_args(weights, tiny_opts):
+    return ["--config-file", config_path(), "--weights", weights], tiny_opts
+
+
+def evaluate_argv(weights, tiny_opts, json_file, output, *flags):
+    head, opts = model_args(weights, tiny_opts)
+    image_root = os.path.dirname(json_file)
+    return (
+        head
+        + ["--coco-json", json_file, "--image-root", image_root, "--output", str(output)]
+        + (list(flags) + opts)
+    )
+
+
+def predict_argv(weights, tiny_opts, inputs, output, *flags):
+    head, opts = model_args(weights, tiny_opts)
+    return head + ["--input", str(inputs), "--output", str(output)] + list(flags) + opts
+
+
+EVALUATE_KEYS = ("bbox.AP", "bbox.AP50", "nodule.recall50", "nodule.accuracy", "nodule.sensitivity",
+                 "nodule.specificity", "nodule.auc", "seconds_per_image", "nodule.froc@1fp")  # fmt: skip
+
+
+def test_evaluate_writes_the_metrics(tmp_path, weights, tool, tiny_opts, capsys):
+    evaluate = tool("evaluate")
+    json_file = write_coco(tmp_path)
+    out = tmp_path / "eval"
+    evaluate.main(evaluate_argv(weights, tiny_opts, json_file, out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(key in metrics for key in EVALUATE_KEYS), set(EVALUATE_KEYS) - set(metrics)
+    assert metrics["seconds_per_image"] > 0 and metrics["num_images"] == 4
+    assert 0 <= metrics["nodule.recall50"] <= 1
+    for name in ("nodule_metrics.json", "nodules.csv", "froc.png"):
+        assert (out / name).exists(), name
+    assert "nodule.auc" in capsys.readouterr().out
+
+    out = tmp_path / "agnostic"
+    evaluate.main(evaluate_argv(weights, tiny_opts, json_file, out, "--class-agnostic"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "bbox.AP" in metrics and "nodule.froc_cpm" in metrics
+    assert "nodule.accuracy" not in metrics and "bbox.AP-malignant" not in metrics
+
+
+def test_evaluate_a_cascade(tmp_path, random_weights, tool, tiny_opts):
+    mccnn = os.path.join(CONFIGS, "mccnn_synthetic.yaml")
+    mccnn = mccnn if os.path.exists(mccnn) else os.path.join(CONFIGS, "mccnn.yaml")
+    evaluate = tool("evaluate")
+    out = tmp_path / "eval"
+    argv = evaluate_argv(random_weights(mccnn), tiny_opts, write_coco(tmp_path), out)
+    evaluate.main(["--config-file", mccnn] + argv[2:])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(key in metrics for key in EVALUATE_KEYS), set(EVALUATE_KEYS) - set(metrics)
+
+
+def test_evaluate_names_a_missing_image_or_broken_json(tmp_path, weights, tool, tiny_opts):
+    evaluate = tool("evaluate")
+    json_file = write_coco(tmp_path, missing="img2.png")
+    with pytest.raises(SystemExit, match="missing image: .*img2.png"):
+        evaluate.main(evaluate_argv(weights, tiny_opts, json_file, tmp_path / "eval"))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(SystemExit, match="cannot load dataset .*broken.json"):
+        evaluate.main(evaluate_argv(weights, tiny_opts, str(broken), tmp_path / "eval"))
+
+
+def test_predict_reads_every_kind_and_skips_a_corrupt_file(tmp_path, weights, tool, tiny_opts):
+    predict = tool("predict")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    gray, _ = nodule_image(np.random.default_rng(1))
+    cv2.imwrite(str(inputs / "gray8.png"), gray)
+    cv2.imwrite(str(inputs / "gray16.png"), gray.astype(np.uint16) * 257)
+    cv2.imwrite(str(inputs / "colour.jpg"), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    cv2.imwrite(str(inputs / "alpha.png"), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGRA))
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "single"
+    argv = predict_argv(
+        weights, tiny_opts, inputs, out, "--json-mode", "single", "--min-score", "0"
+    )
+    result = predict.main(argv)
+    assert [os.path.basename(s["file_name"]) for s in result["skipped"]] == ["broken.png"]
+    report = json.loads((out / "predictions.json").read_text())
+    assert len(report["images"]) == 4 and report["skipped"][0]["file_name"].endswith("broken.png")
+    first = report["images"][0]["detections"][0]
+    assert set(first) >= {"bbox", "class", "score", "malignant_prob", "class_probs"}
+    assert first["class"] in ("benign", "malignant")
+    for stem in ("gray8", "gray16", "colour", "alpha"):
+        assert cv2.imread(str(out / f"{stem}.png")).shape == (96, 128, 3), stem
+    # 16-bit data that is 8-bit data scaled by 257 gives the same predictions.
+    by_name = {os.path.basename(r["file_name"]): r["detections"] for r in report["images"]}
+    assert by_name["gray8.png"] == by_name["gray16.png"]
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("# two images\nin/gray8.png\n\nin/colour.jpg\n")
+    out = tmp_path / "per_image"
+    result = predict.main(predict_argv(weights, tiny_opts, listing, out))
+    assert not result["skipped"]
+    assert set(os.listdir(out)) >= {"colour.json", "colour.png", "gray8.json", "gray8.png"}
+    assert json.loads((out / "gray8.json").read_text())["height"] == 96
+    with pytest.raises(SystemExit, match="gray8.png in --output would overwrite an input"):
+        predict.main(predict_argv(weights, tiny_opts, inputs / "gray8.png", inputs))
+
+
+def test_sixteen_bit_scaling(tool, tmp_path):
+    predict = tool("predict")
+    path = str(tmp_path / "twelve_bit.png")
+    cv2.imwrite(path, np.array([[0, 1000, 4095]], dtype=np.uint16))
+    assert predict.read_grayscale(path, "full").tolist() == [[0, 4, 16]]
+    assert predict.read_grayscale(path, "minmax").tolist() == [[0, 62, 255]]
+    with pytest.raises(predict.UnreadableImage, match="no such file"):
+        predict.read_grayscale(str(tmp_path / "absent.png"))

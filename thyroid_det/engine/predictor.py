@@ -1,0 +1,82 @@
+"""detectron2's DefaultPredictor, for grayscale thyroid_det configs."""
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+
+from ..data.transforms import build_ssd_augmentation
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """One image in, ``{"instances": Instances}`` out, for any model a thyroid_det config builds.
+
+    detectron2's ``DefaultPredictor`` (0.6 and main) asserts that ``INPUT.FORMAT`` is "RGB" or
+    "BGR", so it cannot run the project's grayscale ("L") configs, and it resizes by the shorter
+    edge. This class keeps its interface and attributes (``cfg``, ``model``, ``metadata``,
+    ``aug``, ``input_format``; weights from ``MODEL.WEIGHTS``; outputs in the coordinates of the
+    given image) but resizes with the project's test transform (to ``INPUT.FIXED_SIZE``, as
+    SSDDatasetMapper does for evaluation), so a prediction is what evaluation sees.
+
+    Accepted images (uint8 unless noted):
+
+    * ``INPUT.FORMAT`` "L": HxW or HxWx1 grayscale (any dtype the resize takes), or HxWx3 BGR,
+      converted as ``read_image(..., format="L")`` converts colour files (PIL's ITU-R 601-2 luma).
+    * "BGR" / "RGB": HxWx3 BGR, as DefaultPredictor takes.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.aug = T.AugmentationList(build_ssd_augmentation(cfg, is_train=False))
+        self.input_format = cfg.INPUT.FORMAT
+        if self.input_format not in ("L", "BGR", "RGB"):
+            raise ValueError(f"Predictor: unsupported INPUT.FORMAT {self.input_format!r}")
+
+    def _to_input_format(self, image: np.ndarray) -> np.ndarray:
+        """The HxWxC array in ``INPUT.FORMAT`` that the mapper would have read."""
+        colour = image.ndim == 3 and image.shape[2] == 3
+        if self.input_format == "L":
+            if image.ndim == 2:
+                return image[:, :, None]
+            if image.ndim == 3 and image.shape[2] == 1:
+                return image
+            if colour and image.dtype == np.uint8:
+                gray = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1])).convert("L")
+                return np.asarray(gray)[:, :, None]
+            expected = "HxW or HxWx1 grayscale, or HxWx3 uint8 BGR"
+        else:
+            if colour:
+                return image[:, :, ::-1] if self.input_format == "RGB" else image
+            expected = "HxWx3 BGR"
+        raise ValueError(
+            f"Predictor: got an image of shape {image.shape} and dtype {image.dtype}; "
+            f"INPUT.FORMAT {self.input_format!r} takes {expected}"
+        )
+
+    def __call__(self, original_image):
+        """
+        Args:
+            original_image (np.ndarray): see the class docstring.
+
+        Returns:
+            dict: the model's output for this image, ``{"instances": Instances}`` in the
+            coordinates of ``original_image``.
+        """
+        image = self._to_input_format(np.asarray(original_image))
+        with torch.no_grad():
+            height, width = image.shape[:2]
+            aug_input = T.AugInput(image)
+            self.aug(aug_input)
+            chw = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)).astype("float32")
+            inputs = {"image": torch.as_tensor(chw), "height": height, "width": width}
+            return self.model([inputs])[0]

@@ -1,0 +1,103 @@
+"""The evaluators that training and tools/evaluate.py run: COCO box AP plus the nodule metrics."""
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
+from detectron2.structures import Instances
+
+from .nodule_evaluator import NoduleEvaluator
+
+
+def has_compiled_ops():
+    """Whether detectron2's compiled ops (and so COCOEvaluator's fast AP) are importable."""
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def register_class_agnostic(dataset_name):
+    """Register ``<dataset_name>_class_agnostic``: the same images with every annotation in one
+    category, "nodule". Returns its name."""
+    name = f"{dataset_name}_class_agnostic"
+    if name not in DatasetCatalog.list():
+
+        def load():
+            records = []
+            for record in DatasetCatalog.get(dataset_name):
+                record = dict(record)
+                record["annotations"] = [
+                    dict(a, category_id=0) for a in record.get("annotations", [])
+                ]
+                records.append(record)
+            return records
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(thing_classes=["nodule"], evaluator_type="coco")
+    return name
+
+
+class ClassAgnosticOutputs(DatasetEvaluator):
+    """Feeds another evaluator outputs whose detections all have class 0 ("nodule")."""
+
+    def __init__(self, evaluator):
+        self._evaluator = evaluator
+
+    def reset(self):
+        self._evaluator.reset()
+
+    def process(self, inputs, outputs):
+        relabelled = []
+        for out in outputs:
+            if "instances" in out:
+                fields = out["instances"].get_fields()
+                instances = Instances(out["instances"].image_size, **fields)
+                instances.pred_classes = fields["pred_classes"].new_zeros(len(instances))
+                out = dict(out, instances=instances)
+            relabelled.append(out)
+        self._evaluator.process(inputs, relabelled)
+
+    def evaluate(self):
+        return self._evaluator.evaluate()
+
+
+def flat_metrics(results):
+    """``{"bbox": {"AP": ..}, "nodule": {..}}`` -> ``{"bbox.AP": .., "nodule.auc": ..}``, floats:
+    the key scheme of tools/evaluate.py's and tools/cross_validate.py's JSON files."""
+    return {f"{task}.{k}": float(v) for task, res in results.items() for k, v in res.items()}
+
+
+def build_evaluators(cfg, dataset_name, output_dir, class_agnostic=False, distributed=True):
+    """COCO box AP and :class:`NoduleEvaluator` on one dataset, combined.
+
+    Args:
+        cfg (CfgNode): supplies ``TEST.NODULE_EVAL.*`` and ``TEST.DETECTIONS_PER_IMAGE``.
+        dataset_name (str): a registered dataset.
+        output_dir (str): where both evaluators write their files.
+        class_agnostic (bool): score the detection of "a nodule" whatever its class: COCO AP over
+            one merged category, benign/malignant metrics skipped.
+        distributed (bool): gather results from all processes.
+
+    Returns:
+        DatasetEvaluators: results under "bbox" (COCO) and "nodule".
+    """
+    coco_name = register_class_agnostic(dataset_name) if class_agnostic else dataset_name
+    coco = COCOEvaluator(
+        coco_name,
+        tasks=("bbox",),
+        distributed=distributed,
+        output_dir=output_dir,
+        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        use_fast_impl=has_compiled_ops(),
+    )
+    if class_agnostic:
+        coco = ClassAgnosticOutputs(coco)
+    nodule = NoduleEvaluator(
+        dataset_name,
+        cfg=cfg,
+        distributed=distributed,
+        output_dir=output_dir,
+        class_agnostic=class_agnostic,
+        seed=max(cfg.SEED, 0),
+    )
+    return DatasetEvaluators([coco, nodule])

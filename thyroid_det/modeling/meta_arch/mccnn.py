@@ -1,0 +1,165 @@
+"""MC-CNN: the multi-scale SSD detector Ec cascaded with the spatial pyramid refiner Ef
+(paper Fig. 2, section IV, algorithm 2)."""
+import logging
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.roi_heads import build_roi_heads
+
+from .ssd import MultiScaleSSD
+
+__all__ = ["MCCNN"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class MCCNN(MultiScaleSSD):
+    """Ec (:class:`MultiScaleSSD`) followed by ROI heads that crop its detections from the input
+    image and refine their class (:class:`SpatialPyramidROIHeads`).
+
+    Training schedules:
+
+    * "sequential" (algorithm 2): stage "detector" trains Ec alone (Ef is not run: it would
+      cost a refiner pass per step for a loss that is thrown away); stage "refiner" freezes Ec
+      (``requires_grad`` off, Ec in eval mode so its norm layers use running statistics, no
+      graph kept through it) and trains Ef on crops of Ec's detections and jittered ground truth.
+    * "joint" (eq. 8): every step sums Ec's losses and ``refiner_loss_weight`` times Ef's. The
+      detections that are cropped are computed without gradient, and crops are pixels, so Ef's
+      loss does not reach Ec.
+
+    The stage is set from outside with :meth:`set_stage`, by
+    :class:`thyroid_det.engine.hooks.CascadeStageHook` from the trainer's iteration
+    (:meth:`stage_for_iteration`), so a resumed run lands in the right stage. A freshly built
+    model is in stage "detector" (sequential) or "joint", with every parameter trainable, so
+    an optimizer built from it covers both networks. Inference always runs the whole cascade;
+    a :class:`MultiScaleSSD` config gives Ec alone.
+    """
+
+    SCHEDULES = ("sequential", "joint")
+    STAGES = ("detector", "refiner", "joint")
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        roi_heads: nn.Module,
+        schedule: str = "sequential",
+        detector_iters: int = 0,
+        refiner_loss_weight: float = 1.0,
+        **kwargs,
+    ):
+        """
+        Args:
+            roi_heads: the second stage; called as ``roi_heads(images, features, detections,
+                targets)`` and returning (instances, losses), e.g. SpatialPyramidROIHeads.
+            schedule: "sequential" or "joint".
+            detector_iters: sequential schedule: iterations of stage "detector" before "refiner".
+            refiner_loss_weight: joint schedule: weight of the refiner's losses.
+            kwargs: arguments of :class:`MultiScaleSSD`.
+        """
+        super().__init__(**kwargs)
+        if schedule not in self.SCHEDULES:
+            raise ValueError(
+                f"Unknown MODEL.MCCNN.SCHEDULE {schedule!r}; expected one of {self.SCHEDULES}"
+            )
+        self.roi_heads = roi_heads
+        self.schedule = schedule
+        self.detector_iters = detector_iters
+        self.refiner_loss_weight = refiner_loss_weight
+        self.stage = "joint" if schedule == "joint" else "detector"
+        self._frozen_params: List[nn.Parameter] = []
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret.update(
+            {
+                "roi_heads": build_roi_heads(cfg, ret["backbone"].output_shape()),
+                "schedule": cfg.MODEL.MCCNN.SCHEDULE,
+                "detector_iters": cfg.MODEL.MCCNN.DETECTOR_ITERS,
+                "refiner_loss_weight": cfg.MODEL.MCCNN.REFINER_LOSS_WEIGHT,
+            }
+        )
+        return ret
+
+    def detector_modules(self) -> List[nn.Module]:
+        """Ec's modules: everything but the ROI heads."""
+        return [m for name, m in self.named_children() if name != "roi_heads"]
+
+    def stage_for_iteration(self, iteration: int) -> str:
+        """The stage the schedule prescribes at a (0-based) training iteration."""
+        if self.schedule == "joint":
+            return "joint"
+        return "detector" if iteration < self.detector_iters else "refiner"
+
+    def set_stage(self, stage: str):
+        """Switch to "detector", "refiner" (Ec frozen) or "joint"."""
+        if stage not in self.STAGES:
+            raise ValueError(f"Unknown MC-CNN stage {stage!r}; expected one of {self.STAGES}")
+        if stage == self.stage:
+            return
+        if stage == "refiner":
+            self._frozen_params = [
+                p for m in self.detector_modules() for p in m.parameters() if p.requires_grad
+            ]
+            for p in self._frozen_params:
+                p.requires_grad_(False)
+                p.grad = None
+        else:
+            for p in self._frozen_params:
+                p.requires_grad_(True)
+            self._frozen_params = []
+        logger.info(f"MC-CNN: stage {self.stage!r} -> {stage!r}")
+        self.stage = stage
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but a frozen Ec stays in eval mode (its norm statistics fixed)."""
+        super().train(mode)
+        if self.stage == "refiner":
+            for m in self.detector_modules():
+                m.train(False)
+        return self
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: as :meth:`MultiScaleSSD.forward`.
+
+        Returns:
+            training: the losses of the current stage: "loss_cls" and "loss_box_reg" (Ec),
+            "loss_refiner" (Ef).
+            inference: per image {"instances": Instances} in the "height" x "width" frame with
+            pred_boxes, scores, pred_classes, class_probs (fused), coarse_probs and fine_probs.
+        """
+        if not self.training:
+            return self.inference(batched_inputs)
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("MCCNN: training inputs need ground-truth 'instances'")
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+
+        with torch.set_grad_enabled(self.stage != "refiner"):
+            features, pred_logits, pred_deltas, anchors = self.forward_head(images)
+        losses = {}
+        if self.stage != "refiner":
+            losses.update(self.ssd_losses(anchors, pred_logits, pred_deltas, gt_instances))
+        if self.stage != "detector":
+            detections = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
+            _, refiner_losses = self.roi_heads(images, features, detections, gt_instances)
+            weight = self.refiner_loss_weight if self.stage == "joint" else 1.0
+            losses.update({k: v * weight for k, v in refiner_losses.items()})
+        return losses
+
+    def inference(self, batched_inputs: List[Dict]):
+        """The whole cascade: Ec's detections refined and rescored by the ROI heads."""
+        images = self.preprocess_image(batched_inputs)
+        features, pred_logits, pred_deltas, anchors = self.forward_head(images)
+        detections = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
+        results, _ = self.roi_heads(images, features, detections)
+        return self.postprocess(results, batched_inputs, images.image_sizes)

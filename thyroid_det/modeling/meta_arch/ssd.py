@@ -1,0 +1,456 @@
+"""Ec: the multi-scale SSD detector with nodule-prior anchors (paper section II)."""
+
+import logging
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from fvcore.nn import smooth_l1_loss
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, batched_nms, cat, nonzero_tuple
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    Backbone,
+    build_anchor_generator,
+    build_backbone,
+    detector_postprocess,
+)
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
+
+from ..anchor_generator import NodulePriorAnchorGenerator
+
+__all__ = ["MultiScaleSSD", "SSDHead", "permute_to_N_HWA_K"]
+
+logger = logging.getLogger(__name__)
+
+
+def permute_to_N_HWA_K(tensor: Tensor, K: int) -> Tensor:
+    """(N, A*K, H, W) -> (N, H*W*A, K), the order in which anchors are generated."""
+    N, _, H, W = tensor.shape
+    return tensor.view(N, -1, K, H, W).permute(0, 3, 4, 1, 2).reshape(N, -1, K)
+
+
+class SSDHead(nn.Module):
+    """One 3x3 convolution per level for class logits and one for box deltas (SSD's heads).
+
+    Levels have their own weights and input channels, so any backbone's named outputs (VGG-16
+    levels, ResNet stages, FPN levels) can feed it.
+    """
+
+    @configurable
+    def __init__(self, *, input_shape: List[ShapeSpec], num_classes: int, num_anchors: List[int]):
+        """
+        Args:
+            input_shape: shape of each input level.
+            num_classes: foreground classes; the head predicts ``num_classes + 1`` logits per
+                anchor, background last.
+            num_anchors: anchors per cell on each level.
+        """
+        super().__init__()
+        if len(input_shape) != len(num_anchors):
+            raise ValueError(
+                f"SSDHead: {len(input_shape)} input levels but anchors for {len(num_anchors)}"
+            )
+        self.num_classes = num_classes
+        self.cls_score = nn.ModuleList(
+            nn.Conv2d(s.channels, a * (num_classes + 1), kernel_size=3, padding=1)
+            for s, a in zip(input_shape, num_anchors)
+        )
+        self.bbox_pred = nn.ModuleList(
+            nn.Conv2d(s.channels, a * 4, kernel_size=3, padding=1)
+            for s, a in zip(input_shape, num_anchors)
+        )
+        for layer in [*self.cls_score, *self.bbox_pred]:
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec], num_anchors: List[int]):
+        return {
+            "input_shape": input_shape,
+            "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
+            "num_anchors": num_anchors,
+        }
+
+    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """
+        Returns:
+            logits, deltas: per level, (N, A*(C+1), H, W) and (N, A*4, H, W).
+        """
+        if len(features) != len(self.cls_score):
+            raise ValueError(f"SSDHead has {len(self.cls_score)} levels, got {len(features)}")
+        logits = [conv(f) for conv, f in zip(self.cls_score, features)]
+        deltas = [conv(f) for conv, f in zip(self.bbox_pred, features)]
+        return logits, deltas
+
+
+@META_ARCH_REGISTRY.register()
+class MultiScaleSSD(nn.Module):
+    """Ec of MC-CNN: SSD on multi-scale feature levels with nodule-prior anchors.
+
+    A softmax over ``num_classes + 1`` classes (background last, detectron2's convention for
+    softmax heads) is predicted for every anchor together with box deltas. Training matches
+    anchors to nodules at IoU 0.5 (each nodule also keeps its best anchor), and uses smooth-L1 on
+    positives plus cross-entropy on positives and the hardest negatives (3:1), both normalised by
+    the number of positives in the batch. Inference keeps confident anchors, decodes them and
+    applies NMS.
+
+    The methods ``preprocess_image``, ``forward_head``, ``ssd_losses`` and ``ssd_inference`` are the
+    interface that the MC-CNN cascade builds on.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: nn.Module,
+        head_in_features: Sequence[str],
+        anchor_generator: nn.Module,
+        box2box_transform: Box2BoxTransform,
+        anchor_matcher: Matcher,
+        num_classes: int,
+        neg_pos_ratio: float = 3.0,
+        smooth_l1_beta: float = 1.0,
+        test_score_thresh: float = 0.01,
+        test_topk_candidates: int = 400,
+        test_nms_thresh: float = 0.45,
+        class_agnostic_nms: bool = True,
+        max_detections_per_image: int = 100,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str = "L",
+    ):
+        """
+        Args:
+            backbone: a detectron2 backbone whose outputs include ``head_in_features``.
+            head: maps the list of ``head_in_features`` maps to per-level
+                (N, A*(C+1), H, W) logits and (N, A*4, H, W) deltas, e.g. :class:`SSDHead`.
+            head_in_features: backbone outputs that get predictions, fine to coarse.
+            anchor_generator: per-level anchors; :class:`NodulePriorAnchorGenerator` is given the
+                network-input size, other generators only the features.
+            box2box_transform: box coding; SSD uses weights (10, 10, 5, 5).
+            anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored).
+            num_classes: foreground classes (2: benign, malignant).
+            neg_pos_ratio: hard negatives kept per positive anchor, per image.
+            smooth_l1_beta: transition point of the smooth-L1 box loss.
+            test_score_thresh: minimum foreground probability of a kept detection.
+            test_topk_candidates: candidates (over all levels) kept before NMS.
+            test_nms_thresh: IoU above which NMS suppresses a box.
+            class_agnostic_nms: keep only each anchor's best foreground class and run one NMS
+                over all classes, so a nodule is never reported as both classes; otherwise every
+                (anchor, class) pair above threshold is a candidate and NMS runs per class.
+            max_detections_per_image: cap on detections returned per image.
+            pixel_mean, pixel_std: per-channel input normalisation.
+            input_format: image format of the inputs ("L" for grayscale), for visualisation.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head_in_features = list(head_in_features)
+        self.anchor_generator = anchor_generator
+        self.box2box_transform = box2box_transform
+        self.anchor_matcher = anchor_matcher
+        self.num_classes = num_classes
+        self.neg_pos_ratio = neg_pos_ratio
+        self.smooth_l1_beta = smooth_l1_beta
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.class_agnostic_nms = class_agnostic_nms
+        self.max_detections_per_image = max_detections_per_image
+        self.input_format = input_format
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(f"PIXEL_MEAN {pixel_mean} and PIXEL_STD {pixel_std} differ in length")
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        in_features = list(cfg.MODEL.SSD.IN_FEATURES)
+        missing = [f for f in in_features if f not in backbone_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.SSD.IN_FEATURES {missing} are not outputs of the backbone "
+                f"{cfg.MODEL.BACKBONE.NAME}; it has {sorted(backbone_shape)}"
+            )
+        feature_shapes = [backbone_shape[f] for f in in_features]
+        anchor_generator = build_anchor_generator(cfg, feature_shapes)
+        return {
+            "backbone": backbone,
+            "head": SSDHead(cfg, feature_shapes, anchor_generator.num_cell_anchors),
+            "head_in_features": in_features,
+            "anchor_generator": anchor_generator,
+            "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.SSD.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(
+                cfg.MODEL.SSD.IOU_THRESHOLDS,
+                cfg.MODEL.SSD.IOU_LABELS,
+                allow_low_quality_matches=True,
+            ),
+            "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
+            "neg_pos_ratio": cfg.MODEL.SSD.NEG_POS_RATIO,
+            "smooth_l1_beta": cfg.MODEL.SSD.SMOOTH_L1_BETA,
+            "test_score_thresh": cfg.MODEL.SSD.SCORE_THRESH_TEST,
+            "test_topk_candidates": cfg.MODEL.SSD.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": cfg.MODEL.SSD.NMS_THRESH_TEST,
+            "class_agnostic_nms": cfg.MODEL.SSD.CLASS_AGNOSTIC_NMS,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: mapper outputs, each with "image" (C, H, W); in training also
+                "instances" (gt_boxes, gt_classes in the image's frame); optionally "height" and
+                "width", the size to report detections in.
+
+        Returns:
+            training: dict with "loss_cls" and "loss_box_reg".
+            inference: per image {"instances": Instances} with pred_boxes, scores, pred_classes
+            and class_probs, in the "height" x "width" frame.
+        """
+        images = self.preprocess_image(batched_inputs)
+        _, pred_logits, pred_deltas, anchors = self.forward_head(images)
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("MultiScaleSSD: training inputs need ground-truth 'instances'")
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            return self.ssd_losses(anchors, pred_logits, pred_deltas, gt_instances)
+        results = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
+        return self.postprocess(results, batched_inputs, images.image_sizes)
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise with PIXEL_MEAN/STD and batch; reject wrongly shaped or non-finite images."""
+        images = []
+        for x in batched_inputs:
+            image = x["image"]
+            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
+                raise ValueError(
+                    f"{x.get('file_name', '<input image>')}: image tensor has shape "
+                    f"{tuple(image.shape)}, expected ({self.pixel_mean.shape[0]}, H, W) "
+                    f"(INPUT.FORMAT={self.input_format!r})"
+                )
+            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        finite = torch.isfinite(images.tensor).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = [x.get("file_name", f"image {i}") for i, x in enumerate(batched_inputs)]
+            bad = [name for name, ok in zip(bad, finite.tolist()) if not ok]
+            raise FloatingPointError(f"Input images contain NaN or Inf: {bad}")
+        return images
+
+    def forward_head(
+        self, images: ImageList
+    ) -> Tuple[Dict[str, Tensor], List[Tensor], List[Tensor], List[Boxes]]:
+        """Run backbone and head on a batch.
+
+        Returns:
+            features: all backbone outputs by name.
+            pred_logits: per level (N, Hi*Wi*Ai, C+1).
+            pred_deltas: per level (N, Hi*Wi*Ai, 4).
+            anchors: per level Boxes (Hi*Wi*Ai, 4) in the network-input frame.
+        """
+        features = self.backbone(images.tensor)
+        level_features = [features[f] for f in self.head_in_features]
+        logits, deltas = self.head(level_features)
+        pred_logits = [permute_to_N_HWA_K(x, self.num_classes + 1) for x in logits]
+        pred_deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]
+        if isinstance(self.anchor_generator, NodulePriorAnchorGenerator):
+            anchors = self.anchor_generator(level_features, tuple(images.tensor.shape[-2:]))
+        else:
+            anchors = self.anchor_generator(level_features)
+        return features, pred_logits, pred_deltas, anchors
+
+    @torch.no_grad()
+    def label_anchors(
+        self, anchors: List[Boxes], gt_instances: List[Instances]
+    ) -> Tuple[Tensor, Tensor]:
+        """Match anchors to ground truth.
+
+        Returns:
+            gt_labels: (N, R) in {-1 (ignore), 0..C-1 (class), C (background)}.
+            matched_gt_boxes: (N, R, 4); meaningful only where the label is a class.
+        """
+        anchors = Boxes.cat(anchors)
+        labels, matched_boxes = [], []
+        for gt in gt_instances:
+            quality = pairwise_iou(gt.gt_boxes, anchors)
+            matched_idxs, anchor_labels = self.anchor_matcher(quality)
+            if len(gt) > 0:
+                gt_labels = gt.gt_classes[matched_idxs].clone()
+                gt_labels[anchor_labels == 0] = self.num_classes
+                gt_labels[anchor_labels == -1] = -1
+                boxes = gt.gt_boxes.tensor[matched_idxs]
+            else:
+                gt_labels = torch.full_like(matched_idxs, self.num_classes)
+                boxes = torch.zeros_like(anchors.tensor)
+            labels.append(gt_labels)
+            matched_boxes.append(boxes)
+        return torch.stack(labels), torch.stack(matched_boxes)
+
+    @torch.no_grad()
+    def hard_negatives(self, loss: Tensor, negatives: Tensor, num_pos: Tensor) -> Tensor:
+        """Per image, the ``neg_pos_ratio * num_pos`` negatives with the largest loss.
+
+        Args:
+            loss: (N, R) classification loss of every anchor.
+            negatives: (N, R) bool, anchors labelled background.
+            num_pos: (N,) positives per image.
+
+        Returns:
+            (N, R) bool mask of the selected negatives.
+        """
+        num_neg = torch.minimum((num_pos.float() * self.neg_pos_ratio).long(), negatives.sum(dim=1))
+        ranked = loss.masked_fill(~negatives, float("-inf"))
+        rank = ranked.argsort(dim=1, descending=True).argsort(dim=1)
+        return rank < num_neg[:, None]
+
+    def ssd_losses(
+        self,
+        anchors: List[Boxes],
+        pred_logits: List[Tensor],
+        pred_deltas: List[Tensor],
+        gt_instances: List[Instances],
+    ) -> Dict[str, Tensor]:
+        """SSD's multibox loss.
+
+        Args:
+            anchors: per-level anchors from :meth:`forward_head`.
+            pred_logits, pred_deltas: per-level (N, Ri, C+1) and (N, Ri, 4).
+            gt_instances: per image, gt_boxes and gt_classes in the network-input frame.
+
+        Returns:
+            "loss_cls": cross-entropy over positives and hard negatives, and "loss_box_reg":
+            smooth-L1 over positives, both divided by the batch's positives (at least 1).
+            An image without nodules has no positives, hence no negatives, and adds nothing.
+
+        Raises:
+            FloatingPointError: if a loss is not finite.
+        """
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        anchors = Boxes.cat(anchors).tensor
+        logits = cat(pred_logits, dim=1)
+        deltas = cat(pred_deltas, dim=1)
+
+        positives = (gt_labels >= 0) & (gt_labels < self.num_classes)
+        negatives = gt_labels == self.num_classes
+        num_pos = positives.sum(dim=1)
+        normalizer = num_pos.sum().clamp(min=1).to(logits.dtype)
+
+        pos_image, pos_anchor = nonzero_tuple(positives)
+        target_deltas = self.box2box_transform.get_deltas(
+            anchors[pos_anchor], gt_boxes[pos_image, pos_anchor]
+        )
+        loss_box_reg = smooth_l1_loss(
+            deltas[pos_image, pos_anchor], target_deltas, self.smooth_l1_beta, reduction="sum"
+        )
+
+        ce = F.cross_entropy(
+            logits.flatten(0, 1), gt_labels.clamp(min=0).flatten(), reduction="none"
+        ).view_as(gt_labels)
+        selected = positives | self.hard_negatives(ce.detach(), negatives, num_pos)
+        loss_cls = ce[selected].sum()
+
+        losses = {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
+        if not all(bool(torch.isfinite(v)) for v in losses.values()):
+            raise FloatingPointError(
+                "MultiScaleSSD: loss is infinite or NaN: "
+                f"{ {k: float(v) for k, v in losses.items()} }"
+            )
+        self._put_scalar("ssd/num_pos_anchors", float(num_pos.float().mean()))
+        return losses
+
+    @staticmethod
+    def _put_scalar(name: str, value: float):
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # outside a trainer's EventStorage
+            return
+        storage.put_scalar(name, value)
+
+    @torch.no_grad()
+    def ssd_inference(
+        self,
+        anchors: List[Boxes],
+        pred_logits: List[Tensor],
+        pred_deltas: List[Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Instances]:
+        """Decode, threshold, keep the top candidates and apply NMS, per image.
+
+        Returns:
+            per image, Instances in the network-input frame with pred_boxes, scores (foreground
+            probability of pred_classes), pred_classes and class_probs ((R, C) foreground
+            probabilities renormalised to sum to 1: p(class | nodule)).
+        """
+        anchors = Boxes.cat(anchors).tensor
+        fg_probs = cat(pred_logits, dim=1).softmax(dim=-1)[..., : self.num_classes]
+        deltas = cat(pred_deltas, dim=1)
+        return [
+            self._inference_single_image(anchors, fg_probs[i], deltas[i], tuple(image_size))
+            for i, image_size in enumerate(image_sizes)
+        ]
+
+    def _inference_single_image(
+        self, anchors: Tensor, fg_probs: Tensor, deltas: Tensor, image_size: Tuple[int, int]
+    ) -> Instances:
+        if self.class_agnostic_nms:
+            scores, classes = fg_probs.max(dim=1)
+            anchor_idxs = nonzero_tuple(scores > self.test_score_thresh)[0]
+            scores, classes = scores[anchor_idxs], classes[anchor_idxs]
+        else:
+            anchor_idxs, classes = nonzero_tuple(fg_probs > self.test_score_thresh)
+            scores = fg_probs[anchor_idxs, classes]
+        scores, order = scores.topk(min(self.test_topk_candidates, scores.numel()))
+        anchor_idxs, classes = anchor_idxs[order], classes[order]
+
+        boxes = Boxes(
+            self.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
+        )
+        boxes.clip(image_size)
+        class_probs = fg_probs[anchor_idxs]
+        class_probs = class_probs / class_probs.sum(dim=1, keepdim=True).clamp(min=1e-12)
+
+        valid = torch.isfinite(boxes.tensor).all(dim=1) & torch.isfinite(scores) & boxes.nonempty()
+        boxes, scores, classes, class_probs = (
+            boxes[valid],
+            scores[valid],
+            classes[valid],
+            class_probs[valid],
+        )
+        nms_groups = torch.zeros_like(classes) if self.class_agnostic_nms else classes
+        keep = batched_nms(boxes.tensor, scores, nms_groups, self.test_nms_thresh)
+        keep = keep[: self.max_detections_per_image]
+
+        result = Instances(image_size)
+        result.pred_boxes = boxes[keep]
+        result.scores = scores[keep]
+        result.pred_classes = classes[keep]
+        result.class_probs = class_probs[keep]
+        return result
+
+    @staticmethod
+    def postprocess(
+        results: List[Instances], batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
+    ) -> List[Dict[str, Instances]]:
+        """Rescale detections from the network-input frame to each input's "height" x "width"."""
+        processed = []
+        for result, inputs, image_size in zip(results, batched_inputs, image_sizes):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed

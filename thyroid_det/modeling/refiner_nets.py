@@ -1,0 +1,303 @@
+"""Fine-recognition networks Ef (paper III, Table III / Fig. 8) behind ``REFINER_REGISTRY``.
+
+Every network maps a batch of square grayscale crops (N, C, S, S) to logits over
+[benign, malignant] with ``forward`` and to its penultimate features with ``features`` (the fc7
+features the paper feeds to the classical classifiers in its classifier study).
+"""
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from fvcore.nn import weight_init
+from torch import nn
+from torchvision.models.googlenet import GoogLeNet as _TorchvisionGoogLeNet
+from torchvision.models.googlenet import Inception, InceptionAux
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, cat, get_norm
+from detectron2.utils.registry import Registry
+
+__all__ = [
+    "REFINER_REGISTRY",
+    "build_refiner",
+    "SpatialPyramidModule",
+    "AlexNet",
+    "AlexNetSPConv5",
+    "AlexNetSPPool5",
+    "GoogLeNet",
+]
+
+REFINER_REGISTRY = Registry("REFINER")
+REFINER_REGISTRY.__doc__ = """
+Registry for the refiner (fine recognition) networks of MC-CNN's cascade.
+
+The registered object is called with `obj(cfg)` and must return an nn.Module with
+`forward(crops) -> logits (N, 2)`, `features(crops) -> (N, D)` and an int attribute
+`feature_dim` (= D).
+"""
+
+ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
+
+
+def build_refiner(cfg):
+    """Build the refiner network named by ``cfg.MODEL.REFINER.NAME``."""
+    return REFINER_REGISTRY.get(cfg.MODEL.REFINER.NAME)(cfg)
+
+
+def _norm(norm: str, channels: int) -> Optional[nn.Module]:
+    """detectron2's ``get_norm``, except that GroupNorm uses as many groups (up to 32) as divide
+    ``channels``, so that narrow networks (``WIDTH_MULT`` < 1) and 1/N pyramid levels still work."""
+    if norm == "GN":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return get_norm(norm, channels)
+
+
+def _conv(in_channels, out_channels, kernel_size, norm, stride=1, padding=None):
+    """Conv + norm + ReLU; the bias is dropped when a norm follows."""
+    if padding is None:
+        padding = kernel_size // 2
+    conv = Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        bias=not norm,
+        norm=_norm(norm, out_channels),
+        activation=F.relu,
+    )
+    weight_init.c2_msra_fill(conv)
+    return conv
+
+
+class SpatialPyramidModule(nn.Module):
+    """The spatial pyramid module of Fig. 6 and eqs. 4-5.
+
+    Level i averages each position over a k_i x k_i neighbourhood (stride 1, so every level keeps
+    the input's spatial size and the levels stay aligned), reduces the channels to 1/N with a
+    1x1 conv (N = number of levels, "to maintain the weight of the global feature") and, for
+    k_i > 1, applies a k_i x k_i conv: one pooling and one convolution per scale, as in Fig. 6.
+    As in PSPNet, which the paper's 1/N reduction comes from, the input features are
+    concatenated with the levels so that local detail is kept next to the context; a 1x1 conv
+    then maps the concatenation back to the input's channel count, followed by the ReLU of
+    eq. 5. Keeping the channel count lets the pyramid variants share AlexNet's fc6 size, so
+    Table III compares the module and not a wider fc6.
+    """
+
+    def __init__(self, in_channels: int, kernel_sizes: Sequence[int] = (1, 3, 5), norm: str = ""):
+        """
+        Args:
+            in_channels: channels of the feature map entering the module (= channels out).
+            kernel_sizes: odd pooling/convolution kernel size of each level.
+            norm: normalisation after each conv ("", "BN", "GN", ...).
+        """
+        super().__init__()
+        if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
+            raise ValueError(
+                f"Pyramid kernel sizes must be odd and positive, got {list(kernel_sizes)}"
+            )
+        level_channels = max(in_channels // len(kernel_sizes), 1)
+        self.levels = nn.ModuleList()
+        for k in kernel_sizes:
+            layers = []
+            if k > 1:
+                layers.append(nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=False))
+            layers.append(_conv(in_channels, level_channels, 1, norm))
+            if k > 1:
+                layers.append(_conv(level_channels, level_channels, k, norm))
+            self.levels.append(nn.Sequential(*layers))
+        self.fuse = _conv(in_channels + level_channels * len(kernel_sizes), in_channels, 1, norm)
+        self.out_channels = in_channels
+
+    def forward(self, x):
+        return self.fuse(cat([x] + [level(x) for level in self.levels], dim=1))
+
+
+@REFINER_REGISTRY.register()
+class AlexNet(nn.Module):
+    """AlexNet (conv1-conv5, pool5, fc6, fc7) for one-channel crops: Table III's baseline.
+
+    Subclasses insert a :class:`SpatialPyramidModule` after conv5 or pool5 (``pyramid_position``).
+    Eq. 4 says fc7 feeds the pyramid, but fc7 is a vector on which 3x3 and 5x5 pooling has no
+    meaning, while the experiments (Fig. 8, Table III) name the variants by the conv5 / pool5
+    feature maps the module follows; we therefore apply the module to those maps, and fc6/fc7
+    follow it. An adaptive average pool to 6x6 before fc6 lets one network take any crop side
+    from 64 px (where pool5 is 1x1) upwards.
+    """
+
+    pyramid_position: Optional[str] = None
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        channels: Sequence[int] = ALEXNET_CHANNELS,
+        fc_dim: int = 4096,
+        dropout: float = 0.5,
+        norm: str = "BN",
+        pyramid_levels: Sequence[int] = (1, 3, 5),
+    ):
+        """
+        Args:
+            in_channels: channels of the input crops (1 for grayscale ultrasound).
+            num_classes: number of logits (benign, malignant).
+            channels: output channels of conv1..conv5.
+            fc_dim: width of fc6 and fc7.
+            dropout: dropout probability before fc6, fc7 (as in AlexNet).
+            norm: normalisation after each conv ("", "BN", "GN", ...).
+            pyramid_levels: kernel sizes of the spatial pyramid levels (pyramid variants only).
+        """
+        super().__init__()
+        if len(channels) != 5:
+            raise ValueError(f"AlexNet needs 5 conv widths, got {list(channels)}")
+        c1, c2, c3, c4, c5 = channels
+        self.conv1 = _conv(in_channels, c1, 11, norm, stride=4, padding=2)
+        self.pool1 = nn.MaxPool2d(3, stride=2)
+        self.conv2 = _conv(c1, c2, 5, norm)
+        self.pool2 = nn.MaxPool2d(3, stride=2)
+        self.conv3 = _conv(c2, c3, 3, norm)
+        self.conv4 = _conv(c3, c4, 3, norm)
+        self.conv5 = _conv(c4, c5, 3, norm)
+        self.pool5 = nn.MaxPool2d(3, stride=2)
+        if self.pyramid_position is None:
+            self.pyramid = None
+        elif self.pyramid_position in ("conv5", "pool5"):
+            self.pyramid = SpatialPyramidModule(c5, pyramid_levels, norm)
+        else:
+            raise ValueError(f"Unknown pyramid position {self.pyramid_position!r}")
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.fc6 = nn.Linear(c5 * 36, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.cls_score = nn.Linear(fc_dim, num_classes)
+        self.feature_dim = fc_dim
+        # Small logits: an untrained refiner outputs ~uniform probabilities, so fusion starts as
+        # the coarse prediction.
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.constant_(self.cls_score.bias, 0.0)
+
+    @classmethod
+    def from_config(cls, cfg):
+        mult = cfg.MODEL.REFINER.WIDTH_MULT
+        return {
+            "in_channels": len(cfg.MODEL.PIXEL_MEAN),
+            "num_classes": 2,
+            "channels": [max(8, int(round(c * mult / 8)) * 8) for c in ALEXNET_CHANNELS],
+            "fc_dim": cfg.MODEL.REFINER.FC_DIM,
+            "dropout": cfg.MODEL.REFINER.DROPOUT,
+            "norm": cfg.MODEL.REFINER.NORM,
+            "pyramid_levels": cfg.MODEL.REFINER.PYRAMID_LEVELS,
+        }
+
+    def features(self, x):
+        """fc7 features (N, fc_dim) of crops x (N, C, S, S), S >= 64."""
+        if x.shape[-1] < 64 or x.shape[-2] < 64:
+            raise ValueError(
+                f"AlexNet refiners need crops of at least 64x64, got {tuple(x.shape[-2:])}"
+            )
+        x = self.pool1(self.conv1(x))
+        x = self.pool2(self.conv2(x))
+        x = self.conv5(self.conv4(self.conv3(x)))
+        if self.pyramid_position == "conv5":
+            x = self.pyramid(x)
+        x = self.pool5(x)
+        if self.pyramid_position == "pool5":
+            x = self.pyramid(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        x = F.relu(self.fc6(self.dropout(x)))
+        return F.relu(self.fc7(self.dropout(x)))
+
+    def forward(self, x):
+        """Logits (N, 2) over [benign, malignant]."""
+        return self.cls_score(self.features(x))
+
+
+@REFINER_REGISTRY.register()
+class AlexNetSPConv5(AlexNet):
+    """AlexNet with the spatial pyramid module after conv5: the paper's best refiner."""
+
+    pyramid_position = "conv5"
+
+
+@REFINER_REGISTRY.register()
+class AlexNetSPPool5(AlexNet):
+    """AlexNet with the spatial pyramid module after pool5 (Fig. 8's "pool5")."""
+
+    pyramid_position = "pool5"
+
+
+class _ConvNormReLU(nn.Module):
+    """torchvision GoogLeNet's conv block with a configurable norm (its own is fixed BN)."""
+
+    def __init__(self, in_channels, out_channels, *, norm="BN", **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=not norm, **kwargs)
+        if norm == "BN":
+            self.norm = nn.BatchNorm2d(out_channels, eps=1e-3)  # torchvision's setting
+        else:
+            self.norm = _norm(norm, out_channels)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.relu(x, inplace=True)
+
+
+@REFINER_REGISTRY.register()
+class GoogLeNet(nn.Module):
+    """torchvision's GoogLeNet (Inception v1), randomly initialised, without auxiliary classifiers,
+    taking ``in_channels`` input channels and predicting [benign, malignant].
+
+    GoogLeNet has no fc7: ``features`` returns its 1024-d globally pooled features, and
+    ``feature_dim`` is 1024 whatever MODEL.REFINER.FC_DIM says. ``WIDTH_MULT`` does not apply.
+    """
+
+    @configurable
+    def __init__(
+        self, *, in_channels: int = 1, num_classes: int = 2, dropout: float = 0.2, norm: str = "BN"
+    ):
+        """
+        Args:
+            in_channels: channels of the input crops.
+            num_classes: number of logits.
+            dropout: dropout before the classifier.
+            norm: normalisation in every conv block ("", "BN", "GN", ...).
+        """
+        super().__init__()
+        conv_block = functools.partial(_ConvNormReLU, norm=norm)
+        self.net = _TorchvisionGoogLeNet(
+            num_classes=num_classes,
+            aux_logits=False,
+            transform_input=False,
+            init_weights=True,
+            blocks=[conv_block, functools.partial(Inception, conv_block=conv_block), InceptionAux],
+            dropout=dropout,
+        )
+        # The stem is rebuilt for grayscale; the classifier moves out so `features` is the
+        # network's own forward up to (and including) its dropout.
+        self.net.conv1 = conv_block(in_channels, 64, kernel_size=7, stride=2, padding=3)
+        nn.init.trunc_normal_(self.net.conv1.conv.weight, std=0.01, a=-2, b=2)
+        self.cls_score = self.net.fc
+        self.net.fc = nn.Identity()
+        self.feature_dim = self.cls_score.in_features
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {
+            "in_channels": len(cfg.MODEL.PIXEL_MEAN),
+            "num_classes": 2,
+            "norm": cfg.MODEL.REFINER.NORM,
+        }
+
+    def features(self, x):
+        """Pooled 1024-d features (N, 1024) of crops x (N, C, S, S)."""
+        return self.net(x)
+
+    def forward(self, x):
+        """Logits (N, 2) over [benign, malignant]."""
+        return self.cls_score(self.features(x))

@@ -1,0 +1,326 @@
+"""ROI heads that crop each detection from the input image, classify the crop with the refiner
+Ef and fuse its probabilities with the detector's coarse ones (paper III-IV, eq. 7)."""
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from detectron2.config import configurable
+from detectron2.layers import cat, nonzero_tuple
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.matcher import Matcher
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+
+from ..refiner_nets import build_refiner
+
+__all__ = [
+    "SpatialPyramidROIHeads",
+    "FUSION_MODES",
+    "fuse_probabilities",
+    "square_context_boxes",
+    "jitter_boxes",
+    "crop_and_resize",
+]
+
+FUSION_MODES = ("product", "geometric_mean", "fine_only")
+
+
+def fuse_probabilities(
+    coarse: torch.Tensor, fine: torch.Tensor, mode: str = "product"
+) -> torch.Tensor:
+    """Combine coarse (Ec) and fine (Ef) class distributions, both (N, C), into one (N, C).
+
+    "product" is eq. 7's p_j * p_c renormalised (a naive-Bayes combination of two classifiers
+    with a uniform prior), "geometric_mean" its square root renormalised (the same ranking of
+    classes, softer probabilities), "fine_only" ignores the coarse distribution.
+    """
+    if mode == "fine_only":
+        return fine
+    if mode not in FUSION_MODES:
+        raise ValueError(f"Unknown MODEL.REFINER.FUSION {mode!r}; expected one of {FUSION_MODES}")
+    eps = torch.finfo(fine.dtype).tiny
+    log_joint = coarse.clamp(min=eps).log() + fine.clamp(min=eps).log()
+    if mode == "geometric_mean":
+        log_joint = 0.5 * log_joint
+    return F.softmax(log_joint, dim=1)
+
+
+def square_context_boxes(boxes: torch.Tensor, context_margin: float) -> torch.Tensor:
+    """Square XYXY boxes centred on ``boxes`` (N, 4), with side (1 + 2 * margin) * longer side.
+
+    Square crops keep the nodule's aspect ratio through the resize to the refiner's square
+    input: taller-than-wide shape is one of the strongest sonographic signs of malignancy,
+    and stretching every box to a square would erase it.
+    """
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    sides = (boxes[:, 2:] - boxes[:, :2]).max(dim=1, keepdim=True).values
+    half = (sides * (1 + 2 * context_margin)).clamp(min=1.0) / 2
+    return torch.cat([centers - half, centers + half], dim=1)
+
+
+def jitter_boxes(
+    boxes: torch.Tensor, copies: int, scale: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """``copies`` jittered versions of each box of ``boxes`` (N, 4) -> (N * copies, 4), box-major.
+
+    The centre moves and each side is rescaled by up to ``scale`` times the box's size, uniformly.
+    """
+    if copies <= 0 or boxes.numel() == 0:
+        return boxes.new_zeros((0, 4))
+    sizes = (boxes[:, 2:] - boxes[:, :2])[:, None, :]
+    centers = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None, :]
+    noise = torch.rand((boxes.shape[0], copies, 4), generator=generator, device=boxes.device)
+    noise = (noise * 2 - 1) * scale
+    new_centers = centers + noise[..., :2] * sizes
+    new_sizes = sizes * (1 + noise[..., 2:])
+    jittered = torch.cat([new_centers - new_sizes / 2, new_centers + new_sizes / 2], dim=2)
+    return jittered.reshape(-1, 4).to(boxes.dtype)
+
+
+def crop_and_resize(
+    images: torch.Tensor, boxes: List[torch.Tensor], output_size: int, context_margin: float
+) -> torch.Tensor:
+    """Square context crops of every box, resized to ``output_size``: one batched ``roi_align``.
+
+    Args:
+        images: (B, C, H, W) image tensor the boxes' coordinates refer to.
+        boxes: B tensors (Ki, 4) of XYXY boxes, one per image.
+        output_size: side of the square crops.
+        context_margin: see :func:`square_context_boxes`.
+
+    Returns:
+        (sum Ki, C, output_size, output_size) crops, image-major. Parts outside the tensor are 0
+        (the mean pixel, after normalisation). Bins average several bilinear samples when a crop
+        shrinks, so downscaling does not alias.
+    """
+    rois = [square_context_boxes(b.to(images.dtype), context_margin) for b in boxes]
+    size = (output_size, output_size)
+    return roi_align(images, rois, output_size=size, spatial_scale=1.0, aligned=True)
+
+
+@ROI_HEADS_REGISTRY.register()
+class SpatialPyramidROIHeads(nn.Module):
+    """The cascade's second stage: crop, refine (Ef), fuse.
+
+    Inputs are either Ec's detections (``pred_boxes``, ``scores``, ``pred_classes``,
+    ``class_probs``) or detectron2 RPN proposals (``proposal_boxes``, ``objectness_logits``),
+    in the coordinates of ``images.tensor``. Crops are taken from the normalised input image,
+    not from feature maps: Ef is a separate network (paper Fig. 2).
+
+    Training: the crops of an image are its ground-truth boxes, ``gt_jitter_copies`` jittered
+    copies of each, and the inputs that match a ground truth with IoU >= ``detection_iou``
+    (labelled with that ground truth's class), at most ``batch_size_per_image`` of them,
+    ground-truth boxes first. Ef has no background class, so unmatched inputs are not used.
+    Loss: cross-entropy, "loss_refiner".
+
+    Inference: every input box is kept, with its box unchanged; the output adds
+    ``coarse_probs`` (Ec's class_probs; uniform for RPN proposals, which carry none),
+    ``fine_probs`` (Ef's softmax, averaged over ``test_crops`` crops) and ``class_probs``
+    (their fusion, see :func:`fuse_probabilities`), all (N, 2) over [benign, malignant].
+    ``pred_classes`` is the argmax of the fused distribution (with ``keep_input_classes``, for
+    per-class NMS where a box may come once per class, each detection keeps its class instead)
+    and ``scores = P(nodule) * fused[pred_class]``: the probability of "a nodule of this class",
+    which ranks a class's detections for COCO AP by both how sure the detector is that there is
+    a nodule and how sure the cascade is of its type. P(nodule) is Ec's foreground probability,
+    ``scores / class_probs[pred_class]`` of its detections (Ec scores a box
+    P(nodule) * P(class | nodule)); for RPN proposals it is sigmoid(objectness) and the fused
+    distribution is the fine one whatever ``fusion`` says. Outputs are sorted by score.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        refiner: nn.Module,
+        input_size: int,
+        context_margin: float,
+        fusion: str = "product",
+        test_crops: int = 1,
+        gt_jitter_copies: int = 4,
+        gt_jitter: float = 0.1,
+        detection_iou: float = 0.5,
+        batch_size_per_image: int = 16,
+        proposals_per_image: int = 100,
+        keep_input_classes: bool = False,
+    ):
+        """
+        Args:
+            refiner: network mapping (N, C, S, S) crops to (N, 2) logits (see refiner_nets).
+            input_size: crop side S.
+            context_margin: context around each box, as a fraction of its longer side per side.
+            fusion: one of FUSION_MODES.
+            test_crops: crops per box averaged at inference (the box, then jittered copies).
+            gt_jitter_copies: jittered copies of each ground-truth box in training.
+            gt_jitter: jitter scale (fraction of the box's size), for training and test crops.
+            detection_iou: IoU with a ground truth above which an input box is a training crop.
+            batch_size_per_image: maximum training crops per image.
+            proposals_per_image: RPN proposals refined per image at inference (highest
+                objectness first); Ec's detections are all refined.
+            keep_input_classes: rescore each detection for its own class instead of taking the
+                fused argmax (for Ec with per-class NMS, MODEL.SSD.CLASS_AGNOSTIC_NMS False).
+        """
+        super().__init__()
+        if fusion not in FUSION_MODES:
+            raise ValueError(
+                f"Unknown MODEL.REFINER.FUSION {fusion!r}; expected one of {FUSION_MODES}"
+            )
+        if test_crops < 1:
+            raise ValueError(f"MODEL.REFINER.TEST_CROPS must be >= 1, got {test_crops}")
+        self.refiner = refiner
+        self.input_size = input_size
+        self.context_margin = context_margin
+        self.fusion = fusion
+        self.test_crops = test_crops
+        self.gt_jitter_copies = gt_jitter_copies
+        self.gt_jitter = gt_jitter
+        self.batch_size_per_image = batch_size_per_image
+        self.proposals_per_image = proposals_per_image
+        self.keep_input_classes = keep_input_classes
+        self.matcher = Matcher([detection_iou], [0, 1], allow_low_quality_matches=False)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape=None):
+        return {
+            "refiner": build_refiner(cfg),
+            "input_size": cfg.MODEL.REFINER.INPUT_SIZE,
+            "context_margin": cfg.MODEL.REFINER.CONTEXT_MARGIN,
+            "fusion": cfg.MODEL.REFINER.FUSION,
+            "test_crops": cfg.MODEL.REFINER.TEST_CROPS,
+            "gt_jitter_copies": cfg.MODEL.REFINER.GT_JITTER_COPIES,
+            "gt_jitter": cfg.MODEL.REFINER.GT_JITTER,
+            "detection_iou": cfg.MODEL.REFINER.DETECTION_IOU,
+            "batch_size_per_image": cfg.MODEL.REFINER.BATCH_SIZE_PER_IMAGE,
+            "proposals_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "keep_input_classes": not cfg.MODEL.SSD.CLASS_AGNOSTIC_NMS,
+        }
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ):
+        """
+        Args:
+            images: the normalised network input; crops come from ``images.tensor``.
+            features: unused (Ef sees pixels); kept for detectron2's ROIHeads signature.
+            proposals: per image, Ec's detections or RPN proposals (see the class docstring).
+            targets: per image, ``gt_boxes`` and ``gt_classes``; training only.
+
+        Returns:
+            (list[Instances], dict): in training the inputs and {"loss_refiner"}; at inference
+            the refined detections and {}.
+        """
+        del features
+        if self.training:
+            assert targets is not None, "SpatialPyramidROIHeads needs targets in training"
+            return proposals, self.losses(images, proposals, targets)
+        return self.inference(images, proposals), {}
+
+    @staticmethod
+    def _input_boxes(instances: Instances) -> Boxes:
+        return instances.pred_boxes if instances.has("pred_boxes") else instances.proposal_boxes
+
+    @torch.no_grad()
+    def label_crops(self, images: ImageList, proposals: List[Instances], targets: List[Instances]):
+        """Training crop boxes and labels per image: ground truths, their jittered copies and
+        matched inputs, at most ``batch_size_per_image`` with ground truths first."""
+        crop_boxes, crop_labels = [], []
+        for image_size, inputs, target in zip(images.image_sizes, proposals, targets):
+            gt_boxes, gt_classes = target.gt_boxes.tensor, target.gt_classes
+            if len(target) == 0:
+                crop_boxes.append(gt_boxes.new_zeros((0, 4)))
+                crop_labels.append(gt_classes.new_zeros((0,)))
+                continue
+            jittered = Boxes(jitter_boxes(gt_boxes, self.gt_jitter_copies, self.gt_jitter))
+            jittered.clip(image_size)
+            extra_boxes = [jittered.tensor]
+            extra_labels = [gt_classes.repeat_interleave(self.gt_jitter_copies)]
+            input_boxes = self._input_boxes(inputs).to(gt_boxes.device)
+            if len(input_boxes) > 0:
+                quality = pairwise_iou(target.gt_boxes, input_boxes)
+                matched_idxs, matched_labels = self.matcher(quality)
+                keep = nonzero_tuple(matched_labels == 1)[0]
+                extra_boxes.append(input_boxes.tensor[keep])
+                extra_labels.append(gt_classes[matched_idxs[keep]])
+            extra_boxes, extra_labels = cat(extra_boxes), cat(extra_labels)
+
+            num_gt = min(len(gt_boxes), self.batch_size_per_image)
+            gt_keep = torch.randperm(len(gt_boxes), device=gt_boxes.device)[:num_gt]
+            extra_keep = torch.randperm(len(extra_boxes), device=gt_boxes.device)
+            extra_keep = extra_keep[: self.batch_size_per_image - num_gt]
+            crop_boxes.append(cat([gt_boxes[gt_keep], extra_boxes[extra_keep]]))
+            crop_labels.append(cat([gt_classes[gt_keep], extra_labels[extra_keep]]))
+        return crop_boxes, crop_labels
+
+    def losses(self, images: ImageList, proposals: List[Instances], targets: List[Instances]):
+        crop_boxes, crop_labels = self.label_crops(images, proposals, targets)
+        labels = cat(crop_labels)
+        if labels.numel() == 0:
+            # Nothing to learn from in this batch: a zero that still reaches every parameter.
+            return {"loss_refiner": sum(p.sum() for p in self.refiner.parameters()) * 0.0}
+        crops = crop_and_resize(
+            images.tensor.detach(), crop_boxes, self.input_size, self.context_margin
+        )
+        logits = self.refiner(crops)
+        return {"loss_refiner": F.cross_entropy(logits, labels.long())}
+
+    def fine_probabilities(self, images: ImageList, boxes: List[torch.Tensor]) -> torch.Tensor:
+        """Ef's class probabilities (sum Ki, 2) for every box, averaged over ``test_crops``
+        crops: the box, then copies jittered with a fixed seed (reproducible outputs)."""
+        num_boxes = sum(len(b) for b in boxes)
+        if num_boxes == 0:
+            return images.tensor.new_zeros((0, 2))
+        if self.test_crops > 1:
+            generator = torch.Generator(device=images.tensor.device).manual_seed(0)
+            boxes = [self._with_test_jitter(b, generator) for b in boxes]
+        crops = crop_and_resize(images.tensor, boxes, self.input_size, self.context_margin)
+        probs = F.softmax(self.refiner(crops).float(), dim=1)
+        return probs.view(num_boxes, self.test_crops, -1).mean(dim=1)
+
+    def _with_test_jitter(self, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Each box followed by its ``test_crops - 1`` jittered copies, (K * test_crops, 4)."""
+        copies = self.test_crops - 1
+        jittered = jitter_boxes(boxes, copies, self.gt_jitter, generator).view(-1, copies, 4)
+        return torch.cat([boxes[:, None], jittered], dim=1).view(-1, 4)
+
+    def inference(self, images: ImageList, proposals: List[Instances]) -> List[Instances]:
+        inputs = [self._select_inputs(p) for p in proposals]
+        fine = self.fine_probabilities(images, [self._input_boxes(p).tensor for p in inputs])
+        fine = fine.split([len(p) for p in inputs])
+        return [self._fuse(p, f) for p, f in zip(inputs, fine)]
+
+    def _select_inputs(self, instances: Instances) -> Instances:
+        if instances.has("pred_boxes") or len(instances) <= self.proposals_per_image:
+            return instances
+        order = instances.objectness_logits.argsort(descending=True)
+        return instances[order[: self.proposals_per_image]]
+
+    def _fuse(self, inputs: Instances, fine: torch.Tensor) -> Instances:
+        result = Instances(inputs.image_size)
+        if inputs.has("class_probs"):
+            coarse = inputs.class_probs.to(fine.dtype)
+            coarse_conf = coarse.gather(1, inputs.pred_classes.long()[:, None])[:, 0]
+            nodule_prob = inputs.scores.to(fine.dtype) / coarse_conf.clamp(min=1e-12)
+            nodule_prob = nodule_prob.clamp(max=1.0)
+            fused = fuse_probabilities(coarse, fine, self.fusion)
+        else:
+            coarse = torch.full_like(fine, 1.0 / fine.shape[1])
+            nodule_prob = inputs.objectness_logits.to(fine.dtype).sigmoid()
+            fused = fine
+        if self.keep_input_classes and inputs.has("pred_classes"):
+            pred_classes = inputs.pred_classes.long()
+        else:
+            pred_classes = fused.argmax(dim=1)
+        scores = nodule_prob * fused.gather(1, pred_classes[:, None])[:, 0]
+        order = scores.argsort(descending=True)
+        result.pred_boxes = self._input_boxes(inputs)[order]
+        result.scores = scores[order]
+        result.pred_classes = pred_classes[order]
+        result.coarse_probs = coarse[order]
+        result.fine_probs = fine[order]
+        result.class_probs = fused[order]
+        return result

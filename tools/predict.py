@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Detect and classify thyroid nodules in images; draw them and write JSON.
+
+Examples:
+    python tools/predict.py --config-file configs/mccnn.yaml --weights model_final.pth \\
+        --input scan.png --output out/
+    python tools/predict.py ... --input folder/ more.jpg list.txt --json-mode single
+
+Inputs: image files, folders (their images, not recursive) and list files (``.txt``: one path
+per line, relative to the list's folder; blank lines and ``#`` comments ignored). Images may be
+grayscale or colour (converted with ITU-R 601 luma, as PIL's "L"; an alpha channel is dropped),
+8- or 16-bit PNG, JPEG, BMP or TIFF. 16-bit images become 8-bit by ``--scale-16bit``:
+"full" (default) maps 0..65535 linearly onto 0..255 (value / 257: exact for 8-bit data stored
+as 16-bit), "minmax" stretches each image's own min..max onto 0..255 (for 10/12-bit exports).
+A file that cannot be read is reported by name and skipped; the rest proceed, and the exit
+status is 2 if any was skipped.
+
+The model sees what tools/evaluate.py feeds it: thyroid_det.engine.Predictor resizes the image
+to INPUT.FIXED_SIZE as the test mapper does (detectron2's DefaultPredictor accepts only RGB/BGR
+input and resizes by the shorter edge). Outputs, in original-image pixels:
+
+* ``OUTPUT/<name>.png``: the image with each detection at or above ``--min-score``, labelled
+  with its class and that class's probability (red: malignant, green: benign).
+* ``--json-mode per-image`` (default): ``OUTPUT/<name>.json`` per image;
+  ``single``: ``OUTPUT/predictions.json`` with all images and the skipped files.
+  Each detection: ``bbox`` [x0, y0, x1, y1], ``class``, ``category_id``, ``score`` (the model's
+  detection score), ``malignant_prob``, and ``class_probs`` / ``coarse_probs`` / ``fine_probs``
+  ([benign, malignant]) where the model gives them.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import cv2
+import numpy as np
+import tqdm
+
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import convert_image_to_rgb
+from detectron2.utils.visualizer import Visualizer
+
+import thyroid_det  # noqa: F401  (registers the plugin)
+from thyroid_det.engine import Predictor, setup_cfg
+from thyroid_det.evaluation.file_io import atomic_path, atomic_write_json
+from thyroid_det.evaluation.nodule_evaluator import malignant_probability
+
+logger = logging.getLogger("thyroid_det.predict")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DEFAULT_CLASSES = ["benign", "malignant"]
+CLASS_COLOURS = {"benign": (0.1, 0.8, 0.2), "malignant": (0.95, 0.1, 0.1)}
+
+
+class UnreadableImage(Exception):
+    pass
+
+
+def read_grayscale(path, scale_16bit="full"):
+    """Read any supported image as HxW uint8 grayscale; raise UnreadableImage naming the problem."""
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        if not os.path.exists(path):
+            raise UnreadableImage("no such file")
+        raise UnreadableImage("not a readable image (corrupt or unsupported format)")
+    if image.ndim == 3:
+        if image.shape[2] == 1:
+            image = image[:, :, 0]
+        else:
+            code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+            image = cv2.cvtColor(image, code)
+    if image.dtype == np.uint16:
+        if scale_16bit == "minmax":
+            low, high = float(image.min()), float(image.max())
+            image = (image.astype(np.float32) - low) * (255.0 / max(high - low, 1.0))
+        else:
+            image = image.astype(np.float32) / 257.0
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise UnreadableImage(f"unsupported pixel type {image.dtype} (8- or 16-bit images only)")
+    return image
+
+
+def to_model_input(gray, image_format):
+    """What thyroid_det's Predictor takes for ``INPUT.FORMAT``: the grayscale image itself for
+    "L", three equal BGR channels for colour configs."""
+    return gray if image_format == "L" else np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def collect_inputs(paths):
+    """Expand files, folders and list files into image paths, in order, without duplicates."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            found += sorted(
+                os.path.join(path, f)
+                for f in os.listdir(path)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        elif path.lower().endswith(".txt") and os.path.isfile(path):
+            base = os.path.dirname(os.path.abspath(path))
+            with open(path, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+            found += [
+                os.path.join(base, line) for line in lines if line and not line.startswith("#")
+            ]
+        else:
+            found.append(path)
+    seen = set()
+    return [p for p in found if not (p in seen or seen.add(p))]
+
+
+def output_names(paths):
+    """A distinct output stem per input: the file's stem, numbered when two inputs share one."""
+    names, used = [], {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        count = used.get(stem, 0)
+        used[stem] = count + 1
+        names.append(stem if count == 0 else f"{stem}_{count}")
+    return names
+
+
+def instances_to_json(instances, classes):
+    probs = malignant_probability(instances).tolist()
+    detections = []
+    for i in range(len(instances)):
+        category = int(instances.pred_classes[i])
+        det = {
+            "bbox": [round(float(v), 2) for v in instances.pred_boxes.tensor[i].tolist()],
+            "bbox_mode": "XYXY_ABS",
+            "class": classes[category] if category < len(classes) else str(category),
+            "category_id": category,
+            "score": float(instances.scores[i]),
+            "malignant_prob": float(probs[i]),
+        }
+        for field in ("class_probs", "coarse_probs", "fine_probs"):
+            if instances.has(field):
+                det[field] = [float(v) for v in instances.get(field)[i].tolist()]
+        detections.append(det)
+    return detections
+
+
+def draw(gray, instances, classes, min_score):
+    """The RGB image with the kept detections, labelled "<class> <probability of that class>"."""
+    keep = instances[instances.scores >= min_score]
+    rgb = convert_image_to_rgb(gray[:, :, None], "L")
+    visualizer = Visualizer(rgb, metadata=None, scale=1.0)
+    labels, colours = [], []
+    probs = malignant_probability(keep)
+    for i in range(len(keep)):
+        category = int(keep.pred_classes[i])
+        name = classes[category] if category < len(classes) else str(category)
+        p = float(probs[i]) if name == "malignant" else 1.0 - float(probs[i])
+        if name not in CLASS_COLOURS:  # not a benign/malignant model: its score is the probability
+            p = float(keep.scores[i])
+        labels.append(f"{name} {p:.2f}")
+        colours.append(CLASS_COLOURS.get(name, (0.2, 0.4, 1.0)))
+    vis = visualizer.overlay_instances(
+        boxes=keep.pred_boxes.tensor.numpy(), labels=labels, assigned_colors=colours
+    )
+    return vis.get_image()
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--weights", required=True, metavar="FILE")
+    parser.add_argument("--input", required=True, nargs="+", help="images, folders or .txt lists")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("--json-mode", choices=("per-image", "single"), default="per-image")
+    parser.add_argument(
+        "--min-score", type=float, default=0.3, help="draw and write detections >= this"
+    )
+    parser.add_argument("--scale-16bit", choices=("full", "minmax"), default="full")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for path, what in ((args.config_file, "config file"), (args.weights, "weights")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"predict.py: error: {what} {path!r} not found")
+    args.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights, "OUTPUT_DIR", args.output]
+    cfg = setup_cfg(args)
+    classes = DEFAULT_CLASSES
+    if len(cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", DEFAULT_CLASSES)
+    predictor = Predictor(cfg)
+
+    paths = collect_inputs(args.input)
+    if not paths:
+        raise SystemExit("predict.py: error: no images found in --input")
+    names = output_names(paths)
+    inputs = {os.path.abspath(p) for p in paths}
+    for name in names:
+        if os.path.abspath(os.path.join(args.output, f"{name}.png")) in inputs:
+            raise SystemExit(f"predict.py: error: {name}.png in --output would overwrite an input")
+    os.makedirs(args.output, exist_ok=True)
+    results, skipped = [], []
+    for path, name in tqdm.tqdm(list(zip(paths, names)), desc="predict", unit="image"):
+        try:
+            gray = read_grayscale(path, args.scale_16bit)
+        except UnreadableImage as e:
+            logger.warning(f"skipped {path}: {e}")
+            skipped.append({"file_name": path, "error": str(e)})
+            continue
+        instances = predictor(to_model_input(gray, cfg.INPUT.FORMAT))["instances"].to("cpu")
+        kept = instances[instances.scores >= args.min_score]
+        record = {
+            "file_name": path,
+            "height": int(gray.shape[0]),
+            "width": int(gray.shape[1]),
+            "detections": instances_to_json(kept, classes),
+        }
+        results.append(record)
+        ok, png = cv2.imencode(".png", draw(gray, instances, classes, args.min_score)[:, :, ::-1])
+        if not ok:
+            raise OSError(f"cannot encode the drawing of {path} as PNG")
+        with atomic_path(os.path.join(args.output, f"{name}.png")) as tmp, open(tmp, "wb") as f:
+            f.write(png.tobytes())
+        if args.json_mode == "per-image":
+            atomic_write_json(os.path.join(args.output, f"{name}.json"), record)
+    if args.json_mode == "single":
+        atomic_write_json(
+            os.path.join(args.output, "predictions.json"), {"images": results, "skipped": skipped}
+        )
+    print(f"{len(results)} images written to {args.output}; {len(skipped)} skipped")
+    for item in skipped:
+        print(f"  skipped {item['file_name']}: {item['error']}", file=sys.stderr)
+    return {"images": results, "skipped": skipped}
+
+
+if __name__ == "__main__":
+    sys.exit(2 if main()["skipped"] else 0)
