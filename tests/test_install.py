@@ -1,7 +1,6 @@
 """The environment `make install` builds, and what `import thyroid_det` registers."""
 import glob
 import os
-import shutil
 import subprocess
 import sys
 import tarfile

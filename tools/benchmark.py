@@ -128,7 +128,10 @@ def parse_args(argv=None):
         "--profile", type=int, default=0, metavar="N",
         help="also profile one call of each model's inference and training step; keep N top ops",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, sizes and batches")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="one timed call per row, batch 1, fewer detection counts, no FLOPs: rough figures",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON file for the results")
     parser.add_argument(
@@ -149,7 +152,7 @@ def _fill_defaults(args, parser):
         "train_batch": 1 if quick else 2,
         "warmup": 1,
         "repeats": 1 if quick else 5,
-        "detections": [1, 10] if quick else [1, 5, 10, 20],
+        "detections": [10] if quick else [1, 5, 10, 20],
         "refiner_detections": [1, 20] if quick else [1, 5, 20],
         "mapper_images": 8 if quick else 16,
         "only": list(SECTIONS),
@@ -163,6 +166,8 @@ def _fill_defaults(args, parser):
         parser.error(f"--size takes N or H W (at least 32 px), got {args.size}")
     if min(args.batch, args.train_batch, args.threads, args.repeats) < 1 or args.warmup < 0:
         parser.error("--batch, --train-batch, --threads and --repeats must be >= 1, --warmup >= 0")
+    if min(args.detections + args.refiner_detections + [args.mapper_images]) < 1:
+        parser.error("--detections, --refiner-detections and --mapper-images must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch finds no CUDA device")
     for flag in ("config_file", "matched_config_file", "cascade_config_file"):
@@ -170,6 +175,8 @@ def _fill_defaults(args, parser):
         if not os.path.isfile(path):
             parser.error(f"--{flag.replace('_', '-')}: no such file {path}")
     args.size = tuple(args.size)
+    if quick:  # FLOPs do not change from run to run; the full run counts them
+        args.no_flops = True
     # Training and larger-batch rows: at most 3 timed calls, each costs several batch-1 calls.
     args.train_repeats = max(1, min(args.repeats, 3))
 
@@ -332,6 +339,7 @@ def load_cfg(config_file, args, extra_opts=()):
 
 
 def prepare(model, args):
+    """``--channels-last``: NHWC parameters; convolutions then keep activations NHWC."""
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -846,7 +854,7 @@ def format_table(bench, checks):
     lines.append("")
     for c in checks:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[c["met"]]
-        value = _fmt(c["value"], ".2f") or "n/a"
+        value = _fmt(c["value"], ".3f") or "n/a"
         lines.append(f"target: {c['description']} = {value} (<= {c['limit']}): {verdict}")
     for name, prof in bench.profiles.items():
         lines.append(f"\nprofile {name} (self CPU time, total {prof['total_self_cpu_ms']:.0f} ms):")
@@ -938,6 +946,8 @@ def _run(args):
         f"cores, {args.threads} threads, {results['wall_s']:.0f} s"
         + (": the machine was busy, absolute times are inflated and noisy" if busy else "")
     )
+    if args.quick:
+        print("--quick: one timed call per row; the verdicts above are indicative only")
     if args.output:
         atomic_write_json(args.output, results)
         print(f"results written to {args.output}")

@@ -52,7 +52,7 @@ from detectron2.modeling import build_model
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import kfold_assign
 from thyroid_det.data.mapper import SSDDatasetMapper
-from thyroid_det.engine import setup_cfg
+from thyroid_det.engine import setup_cfg_for_weights
 from thyroid_det.evaluation.file_io import atomic_write_json
 from thyroid_det.evaluation.nodule_evaluator import binary_metrics
 from thyroid_det.evaluation.plots import plot_roc_curves
@@ -208,11 +208,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for path, what in ((args.config_file, "config file"), (args.weights, "weights")):
-        if not os.path.isfile(path):
-            raise SystemExit(f"classifier_study.py: error: {what} {path!r} not found")
-    args.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights, "OUTPUT_DIR", args.output]
-    cfg = setup_cfg(args)
+    cfg = setup_cfg_for_weights(args, "classifier_study.py")
     model = build_model(cfg)
     if not hasattr(getattr(model, "roi_heads", None), "refiner"):
         raise SystemExit(

@@ -39,7 +39,7 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
 import thyroid_det  # noqa: F401  (registers the plugin)
-from thyroid_det.engine import Trainer, setup_cfg
+from thyroid_det.engine import Trainer, setup_cfg_for_weights
 from thyroid_det.evaluation import ModelTimer, build_evaluators, flat_metrics
 from thyroid_det.evaluation.file_io import atomic_write_json
 
@@ -148,11 +148,7 @@ def format_summary(metrics):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for path, what in ((args.config_file, "config file"), (args.weights, "weights")):
-        if not os.path.isfile(path):
-            fail(f"{what} {path!r} not found")
-    args.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights, "OUTPUT_DIR", args.output]
-    cfg = setup_cfg(args)
+    cfg = setup_cfg_for_weights(args, "evaluate.py")
 
     name = args.dataset or register_coco_json(args.coco_json, args.image_root)
     records = check_dataset(name)

@@ -42,7 +42,7 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import Visualizer
 
 import thyroid_det  # noqa: F401  (registers the plugin)
-from thyroid_det.engine import Predictor, setup_cfg
+from thyroid_det.engine import Predictor, setup_cfg_for_weights
 from thyroid_det.evaluation.file_io import atomic_path, atomic_write_json
 from thyroid_det.evaluation.nodule_evaluator import malignant_probability
 
@@ -182,11 +182,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for path, what in ((args.config_file, "config file"), (args.weights, "weights")):
-        if not os.path.isfile(path):
-            raise SystemExit(f"predict.py: error: {what} {path!r} not found")
-    args.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights, "OUTPUT_DIR", args.output]
-    cfg = setup_cfg(args)
+    cfg = setup_cfg_for_weights(args, "predict.py")
     classes = DEFAULT_CLASSES
     if len(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", DEFAULT_CLASSES)

@@ -1,5 +1,6 @@
 """Config set-up shared by every command-line tool."""
 import logging
+import os
 
 import torch
 from detectron2.config import get_cfg
@@ -35,3 +36,14 @@ def setup_cfg(args, freeze=True):
         )
     register_coco_datasets(cfg)
     return cfg
+
+
+def setup_cfg_for_weights(args, tool):
+    """:func:`setup_cfg` for tools that run a trained model on ``--weights`` and write to
+    ``--output``: both become MODEL.WEIGHTS and OUTPUT_DIR; a missing config or weights file stops
+    the tool with a one-line message instead of a traceback."""
+    for path, what in ((args.config_file, "config file"), (args.weights, "weights")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{tool}: error: {what} {path!r} not found")
+    args.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights, "OUTPUT_DIR", args.output]
+    return setup_cfg(args)

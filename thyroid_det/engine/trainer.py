@@ -1,17 +1,33 @@
-"""detectron2's DefaultTrainer with thyroid_det's mapper, evaluators and cascade stage hook."""
+"""detectron2's DefaultTrainer with thyroid_det's mapper, evaluators and cascade schedule."""
 import os
+
+from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
 
 from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators
-from .hooks import CascadeStageHook
+from .hooks import CascadeStageHook, build_cascade_lr_scheduler
 
 
 class Trainer(DefaultTrainer):
     """Overrides only the loaders (SSD augmentation, fixed input size), the evaluators (COCO AP
-    plus per-nodule clinical metrics) and, for the cascade, the hook that switches its stage."""
+    plus per-nodule clinical metrics) and, for the cascade, its stage hook and learning-rate
+    restart at the stage change."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        ddp = self._trainer.model
+        if cfg.MODEL.META_ARCHITECTURE == "MCCNN" and isinstance(ddp, DistributedDataParallel):
+            # Each stage of the cascade leaves one network without gradients.
+            self._trainer.model = DistributedDataParallel(
+                ddp.module,
+                device_ids=ddp.device_ids,
+                broadcast_buffers=False,
+                find_unused_parameters=True,
+            )
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -25,7 +41,11 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_evaluators(cfg, dataset_name, output_folder)
+        return build_evaluators(cfg, dataset_name, output_folder, distributed=comm.get_world_size() > 1)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_cascade_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
         hooks = super().build_hooks()

@@ -66,7 +66,7 @@ def _conv(in_channels, out_channels, kernel_size, norm, stride=1, padding=None):
         padding=padding,
         bias=not norm,
         norm=_norm(norm, out_channels),
-        activation=F.relu,
+        activation=nn.ReLU(inplace=True),  # in place: saves a copy per layer, as in torchvision
     )
     weight_init.c2_msra_fill(conv)
     return conv

@@ -101,8 +101,15 @@ class VGG16SSD(Backbone):
             raise ValueError(f"VGG16SSD: unknown out_features {unknown}; available: {names}")
 
         def conv(cin, cout, **kwargs):
+            # In-place ReLU, as torchvision's VGG: neither the conv's nor the norm's backward
+            # needs the pre-activation, and an out-of-place one costs a full copy per layer.
             return Conv2d(
-                cin, cout, bias=not norm, norm=_norm_layer(norm, cout), activation=F.relu, **kwargs
+                cin,
+                cout,
+                bias=not norm,
+                norm=_norm_layer(norm, cout),
+                activation=nn.ReLU(inplace=True),
+                **kwargs,
             )
 
         self.stage_names = []

@@ -37,7 +37,9 @@ class MCCNN(MultiScaleSSD):
     (:meth:`stage_for_iteration`), so a resumed run lands in the right stage. A freshly built
     model is in stage "detector" (sequential) or "joint", with every parameter trainable, so
     an optimizer built from it covers both networks. Inference always runs the whole cascade;
-    a :class:`MultiScaleSSD` config gives Ec alone.
+    a :class:`MultiScaleSSD` config gives Ec alone. Under DistributedDataParallel the sequential
+    schedule needs ``find_unused_parameters=True``: each stage leaves one network without
+    gradients.
     """
 
     SCHEDULES = ("sequential", "joint")
