@@ -18,7 +18,6 @@ def test_detectron2_parts_import():
 
 
 def test_plugin_registers_its_components():
-    import thyroid_det  # noqa: F401
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import (
         ANCHOR_GENERATOR_REGISTRY,
@@ -26,6 +25,8 @@ def test_plugin_registers_its_components():
         META_ARCH_REGISTRY,
         ROI_HEADS_REGISTRY,
     )
+
+    import thyroid_det  # noqa: F401
     from thyroid_det.modeling.refiner_nets import REFINER_REGISTRY
 
     assert "MultiScaleSSD" in META_ARCH_REGISTRY
@@ -43,6 +44,7 @@ def test_plugin_registers_its_components():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
 def test_every_config_loads(path):
     from detectron2.config import get_cfg
+
     from thyroid_det import add_mccnn_config
 
     cfg = get_cfg()

@@ -3,7 +3,7 @@
 Importing the package registers its datasets, backbone, anchor generator, meta-architectures,
 ROI heads and refiner networks with detectron2's registries.
 """
+from . import data, evaluation, modeling  # noqa: F401  (registration side effects)
 from .config import add_mccnn_config
-from . import data, modeling, evaluation  # noqa: F401  (registration side effects)
 
 __all__ = ["add_mccnn_config"]

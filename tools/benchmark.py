@@ -51,26 +51,25 @@ import tempfile
 import time
 
 import cv2
+import detectron2
 import numpy as np
 import torch
 import torchvision
 import tqdm
-from fvcore.nn import FlopCountAnalysis
-from torch import nn
-
-import detectron2
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
 
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det import add_mccnn_config
 from thyroid_det.data.datasets.phantoms import render_phantom
 from thyroid_det.data.mapper import SSDDatasetMapper
-from thyroid_det.evaluation.file_io import atomic_write_json
+from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.benchmark")
 

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tqdm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
 from sklearn.base import clone
 from sklearn.ensemble import (
     AdaBoostClassifier,
@@ -45,18 +48,14 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from tabulate import tabulate
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
-
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import kfold_assign
 from thyroid_det.data.mapper import SSDDatasetMapper
 from thyroid_det.engine import setup_cfg_for_weights
-from thyroid_det.evaluation.file_io import atomic_write_json
 from thyroid_det.evaluation.nodule_evaluator import binary_metrics
 from thyroid_det.evaluation.plots import plot_roc_curves
 from thyroid_det.modeling.roi_heads.refiner import crop_and_resize
+from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.classifier_study")
 

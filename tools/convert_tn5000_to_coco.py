@@ -17,8 +17,9 @@ import os
 
 from detectron2.utils.logger import setup_logger
 
-from thyroid_det.data.datasets import CLASS_NAMES, load_tn5000, records_to_coco, save_json_atomic
+from thyroid_det.data.datasets import CLASS_NAMES, load_tn5000, records_to_coco
 from thyroid_det.data.datasets.tn5000 import SPLITS
+from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.convert_tn5000_to_coco")
 
@@ -31,7 +32,7 @@ def convert(dirname, split, output_dir):
     for image, record in zip(coco["images"], records):
         image["source_ids"] = record["source_ids"]
     path = os.path.join(output_dir, f"tn5000_{split}.json")
-    save_json_atomic(coco, path)
+    atomic_write_json(path, coco, indent=None)
     logger.info(
         f"Wrote {path}: {len(coco['images'])} images, {len(coco['annotations'])} boxes."
     )

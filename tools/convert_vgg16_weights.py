@@ -29,14 +29,14 @@ Example:
 """
 
 import argparse
-import os
 import pickle
 import re
 import sys
-import tempfile
 
 import numpy as np
 import torch
+
+from thyroid_det.utils.file_io import atomic_path
 
 # torchvision ImageNet normalisation (RGB, images in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -121,10 +121,8 @@ def convert(state_dict, in_channels=1, pixel_mean=(58.6,), pixel_std=(50.2,), fo
 
 def write_checkpoint(model, path):
     """Write ``model`` as a detectron2 model-zoo ``.pkl`` (temp file, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("wb", dir=directory, suffix=".tmp", delete=False) as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         pickle.dump({"model": model, "__author__": "thyroid_det convert_vgg16_weights"}, f)
-    os.replace(f.name, path)
 
 
 def main(argv=None):

@@ -30,18 +30,17 @@ import logging
 import math
 import os
 
-from tabulate import tabulate
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
+from tabulate import tabulate
 
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.engine import Trainer, setup_cfg_for_weights
 from thyroid_det.evaluation import ModelTimer, build_evaluators, flat_metrics
-from thyroid_det.evaluation.file_io import atomic_write_json
+from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.evaluate")
 

@@ -29,20 +29,22 @@ import logging
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_backbone
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
+from tqdm import tqdm
 
 import thyroid_det  # noqa: F401  (registers the plugin and its datasets)
 from thyroid_det.config import add_mccnn_config
-from thyroid_det.modeling.anchor_generator import NodulePriorAnchorGenerator, per_level_params
+from thyroid_det.modeling.anchor_generator import (
+    NodulePriorAnchorGenerator,
+    per_level_params,
+)
+from thyroid_det.utils.file_io import atomic_write_text
 
 logger = logging.getLogger("fit_priors")
 
@@ -219,10 +221,7 @@ def write_fragment(path, dataset, num_boxes, input_hw, sizes, ratios):
     if path is None:
         print(text)
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    atomic_write_text(path, text)
     print(f"Wrote {path}")
 
 

@@ -24,8 +24,8 @@ from thyroid_det.data.datasets import (
     CLASS_NAMES,
     kfold_assign,
     records_to_coco,
-    save_json_atomic,
 )
+from thyroid_det.utils.file_io import atomic_write_json
 
 
 def _load(args):
@@ -78,7 +78,7 @@ def main(argv=None):
                 members, classes, image_root, description=f"{source_name} fold {i} {part}"
             )
             path = os.path.join(args.output_dir, f"fold{i}_{part}.json")
-            save_json_atomic(coco, path)
+            atomic_write_json(path, coco, indent=None)
             parts[part] = [im["id"] for im in coco["images"]]
             entries.append([f"fold{i}_{part}", os.path.abspath(path), os.path.abspath(image_root)])
         positives = sum(
@@ -89,7 +89,7 @@ def main(argv=None):
         summary["folds"].append({**parts, "val_images_with_positive": positives})
         print(f"fold {i}: {len(parts['train'])} train / {len(parts['val'])} val images "
               f"({positives} val images hold a {args.positive_class} box)")
-    save_json_atomic(summary, os.path.join(args.output_dir, "folds.json"))
+    atomic_write_json(os.path.join(args.output_dir, "folds.json"), summary, indent=None)
     print(f"Wrote {args.output_dir}. Fold 0, for example:\n  DATASETS.COCO_REGISTER "
           f'"{entries[:2]}" DATASETS.TRAIN "(\'fold0_train\',)" DATASETS.TEST "(\'fold0_val\',)"')
     return summary

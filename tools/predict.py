@@ -36,15 +36,14 @@ import sys
 import cv2
 import numpy as np
 import tqdm
-
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import Visualizer
 
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.engine import Predictor, setup_cfg_for_weights
-from thyroid_det.evaluation.file_io import atomic_path, atomic_write_json
 from thyroid_det.evaluation.nodule_evaluator import malignant_probability
+from thyroid_det.utils.file_io import atomic_path, atomic_write_json
 
 logger = logging.getLogger("thyroid_det.predict")
 

@@ -12,8 +12,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from thyroid_det.config import add_mccnn_config
-from thyroid_det.data.datasets import load_tn5000, records_to_coco, register_coco_datasets
-from thyroid_det.data.datasets.coco import save_json_atomic
+from thyroid_det.data.datasets import (
+    load_tn5000,
+    records_to_coco,
+    register_coco_datasets,
+)
+from thyroid_det.utils.file_io import atomic_write_json
 
 
 def write_coco(tmp_path):
@@ -92,14 +96,14 @@ def test_records_to_coco_ids_and_boxes(tmp_path):
     assert coco["categories"] == [{"id": 1, "name": "benign"}, {"id": 2, "name": "malignant"}]
 
 
-def test_save_json_atomic_replaces_and_leaves_no_temp(tmp_path):
+def test_atomic_write_json_replaces_and_leaves_no_temp(tmp_path):
     path = tmp_path / "sub" / "a.json"
-    save_json_atomic({"v": 1}, str(path))
-    save_json_atomic({"v": 2}, str(path))
+    atomic_write_json(str(path), {"v": 1}, indent=None)
+    atomic_write_json(str(path), {"v": 2}, indent=None)
     assert json.loads(path.read_text()) == {"v": 2}
     assert os.listdir(path.parent) == ["a.json"]
     with pytest.raises(TypeError):
-        save_json_atomic({"v": object()}, str(path))
+        atomic_write_json(str(path), {"v": object()}, indent=None)
     assert json.loads(path.read_text()) == {"v": 2} and os.listdir(path.parent) == ["a.json"]
 
 

@@ -267,6 +267,7 @@ def test_unknown_image_is_named():
 
 def test_build_evaluators_class_agnostic_coco(tmp_path):
     from detectron2.config import get_cfg
+
     from thyroid_det import add_mccnn_config
 
     cfg = get_cfg()

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.layers import ShapeSpec

@@ -8,16 +8,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
+from torch import nn
+from torch.nn import functional as F
 
 from thyroid_det import add_mccnn_config
-from thyroid_det.modeling.backbone.vgg import L2Norm, VGG16SSD
+from thyroid_det.modeling.backbone.vgg import VGG16SSD, L2Norm
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEVELS = ["conv4_3", "fc7", "extra1", "extra2", "extra3", "extra4", "extra5"]

@@ -9,13 +9,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, RetinaNet, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from torch import nn
 
 from thyroid_det import add_mccnn_config
 from thyroid_det.engine import Predictor

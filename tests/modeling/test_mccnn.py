@@ -3,13 +3,12 @@ import os
 
 import pytest
 import torch
-from torch.nn import DataParallel
-
 from detectron2.config import get_cfg
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from torch.nn import DataParallel
 
 from thyroid_det import add_mccnn_config
 from thyroid_det.engine.hooks import CascadeStageHook

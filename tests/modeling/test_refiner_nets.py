@@ -1,11 +1,14 @@
 """Refiner networks (Ef): every variant at every crop size, the spatial pyramid module."""
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 
 from thyroid_det import add_mccnn_config
-from thyroid_det.modeling.refiner_nets import REFINER_REGISTRY, SpatialPyramidModule, build_refiner
+from thyroid_det.modeling.refiner_nets import (
+    REFINER_REGISTRY,
+    SpatialPyramidModule,
+    build_refiner,
+)
 
 VARIANTS = ("AlexNetSPConv5", "AlexNetSPPool5", "AlexNet", "GoogLeNet")
 

@@ -3,13 +3,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
+from torch import nn
 
 from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.roi_heads.refiner import (

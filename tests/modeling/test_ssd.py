@@ -7,12 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
-
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from torch.nn import functional as F
 
 from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.meta_arch.ssd import MultiScaleSSD

@@ -74,6 +74,7 @@ def _save_random_weights(config_file, out_dir):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
+
     from thyroid_det import add_mccnn_config
 
     cfg = get_cfg()

@@ -1,15 +1,14 @@
 """The MC-CNN cascade's training schedule: the stage hook and the two-stage learning rate."""
 import logging
 
+from detectron2.engine import HookBase
+from detectron2.solver import LRMultiplier, WarmupParamScheduler, build_lr_scheduler
 from fvcore.common.param_scheduler import (
     CompositeParamScheduler,
     CosineParamScheduler,
     MultiStepParamScheduler,
 )
 from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-from detectron2.engine import HookBase
-from detectron2.solver import LRMultiplier, WarmupParamScheduler, build_lr_scheduler
 
 __all__ = ["CascadeStageHook", "build_cascade_lr_scheduler"]
 

@@ -1,12 +1,11 @@
 """detectron2's DefaultPredictor, for grayscale thyroid_det configs."""
 import numpy as np
 import torch
-from PIL import Image
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from PIL import Image
 
 from ..data.transforms import build_ssd_augmentation
 

@@ -1,11 +1,10 @@
 """detectron2's DefaultTrainer with thyroid_det's mapper, evaluators and cascade schedule."""
 import os
 
-from torch.nn.parallel import DistributedDataParallel
-
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators

@@ -12,16 +12,15 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score, roc_curve
-from tabulate import tabulate
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from detectron2.utils import comm
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score, roc_curve
+from tabulate import tabulate
 
-from .file_io import atomic_write_json, atomic_write_text
+from ..utils.file_io import atomic_write_json, atomic_write_text
 from .plots import plot_froc_curves, plot_roc_curves
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .file_io import atomic_path
+from ..utils.file_io import atomic_path
 
 
 def _save(fig, path):

@@ -5,12 +5,11 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ANCHOR_GENERATOR_REGISTRY
 from detectron2.structures import Boxes
+from torch import nn
 
 __all__ = ["NodulePriorAnchorGenerator", "per_level_params"]
 

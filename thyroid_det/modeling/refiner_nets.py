@@ -10,14 +10,13 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, cat, get_norm
+from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 from torch import nn
 from torchvision.models.googlenet import GoogLeNet as _TorchvisionGoogLeNet
 from torchvision.models.googlenet import Inception, InceptionAux
-
-from detectron2.config import configurable
-from detectron2.layers import Conv2d, cat, get_norm
-from detectron2.utils.registry import Registry
 
 __all__ = [
     "REFINER_REGISTRY",

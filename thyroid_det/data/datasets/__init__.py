@@ -1,8 +1,13 @@
 """Data sets: TN5000 (VOC), any COCO JSON, synthetic phantoms, and k-fold splits."""
 from . import builtin  # noqa: F401  (registers tn5000_* and synthetic_*)
-from .coco import records_to_coco, register_coco_datasets, save_json_atomic
+from .coco import records_to_coco, register_coco_datasets
 from .kfold import kfold_assign, kfold_splits, register_kfold_datasets
-from .phantoms import generate_phantoms, load_phantoms, register_phantoms, render_phantom
+from .phantoms import (
+    generate_phantoms,
+    load_phantoms,
+    register_phantoms,
+    render_phantom,
+)
 from .tn5000 import CLASS_NAMES, DatasetFormatError, load_tn5000, register_tn5000
 
 __all__ = [
@@ -19,5 +24,4 @@ __all__ = [
     "register_phantoms",
     "register_tn5000",
     "render_phantom",
-    "save_json_atomic",
 ]

@@ -1,12 +1,11 @@
 """COCO-format data sets: registration from the config, and writing dataset dicts as COCO JSON."""
-import json
 import os
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
 
-__all__ = ["register_coco_datasets", "records_to_coco", "save_json_atomic"]
+__all__ = ["register_coco_datasets", "records_to_coco"]
 
 
 def register_coco_datasets(cfg):
@@ -96,17 +95,3 @@ def records_to_coco(records, thing_classes, image_root=None, description=""):
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(thing_classes)],
     }
-
-
-def save_json_atomic(obj, path):
-    """Write ``obj`` as JSON to ``path`` through a temporary file renamed into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

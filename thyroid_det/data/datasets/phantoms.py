@@ -26,7 +26,8 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from tqdm import tqdm
 
-from .coco import records_to_coco, save_json_atomic
+from ...utils.file_io import atomic_write_json
+from .coco import records_to_coco
 from .tn5000 import CLASS_NAMES
 
 __all__ = [
@@ -312,7 +313,7 @@ def generate_phantoms(output_dir, num_images, seed=0, image_size=(256, 256), ove
             )
         coco = records_to_coco(records, CLASS_NAMES, os.path.join(tmp_dir, "images"))
         coco["info"] = _set_info(num_images, seed, image_size)
-        save_json_atomic(coco, os.path.join(tmp_dir, "annotations.json"))
+        atomic_write_json(os.path.join(tmp_dir, "annotations.json"), coco, indent=None)
         _replace_dir(tmp_dir, output_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

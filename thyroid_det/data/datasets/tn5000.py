@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 
@@ -23,6 +22,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
 from tqdm import tqdm
+
+from ...utils.file_io import atomic_write_json
 
 __all__ = [
     "CLASS_NAMES",
@@ -247,11 +248,7 @@ def _read_cache(path):
 
 def _write_cache(path, cache):
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, path)
+        atomic_write_json(path, cache, indent=None)
     except OSError as e:
         logger.warning(f"Cannot write the image hash cache {path} ({e}); next load re-hashes.")
 

@@ -4,11 +4,10 @@ import math
 from typing import Dict, List, Sequence
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["VGG16SSD", "L2Norm", "build_vgg16_ssd_backbone"]
 

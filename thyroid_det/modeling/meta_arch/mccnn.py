@@ -4,11 +4,10 @@ import logging
 from typing import Dict, List
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.roi_heads import build_roi_heads
+from torch import nn
 
 from .ssd import MultiScaleSSD
 

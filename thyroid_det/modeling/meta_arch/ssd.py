@@ -4,10 +4,6 @@ import logging
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from fvcore.nn import smooth_l1_loss
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, batched_nms, cat, nonzero_tuple
 from detectron2.modeling import (
@@ -21,6 +17,9 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
+from fvcore.nn import smooth_l1_loss
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..anchor_generator import NodulePriorAnchorGenerator
 

@@ -4,14 +4,13 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchvision.ops import roi_align
-
 from detectron2.config import configurable
 from detectron2.layers import cat, nonzero_tuple
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from torch import nn
+from torchvision.ops import roi_align
 
 from ..refiner_nets import build_refiner
 

@@ -16,6 +16,9 @@ def atomic_path(path):
         dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
     )
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
     try:
         yield tmp
         os.replace(tmp, path)
@@ -43,5 +46,6 @@ def json_safe(obj):
     return obj
 
 
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+def atomic_write_json(path, obj, indent=2):
+    """Strict JSON (NaN written as null); ``indent=None`` for compact files such as COCO sets."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")
