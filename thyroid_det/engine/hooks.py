@@ -4,9 +4,9 @@ import logging
 from detectron2.engine import HookBase
 from detectron2.solver import LRMultiplier, WarmupParamScheduler, build_lr_scheduler
 from fvcore.common.param_scheduler import (
-    CompositeParamScheduler,
     CosineParamScheduler,
     MultiStepParamScheduler,
+    ParamScheduler,
 )
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -70,6 +70,22 @@ def _stage_multiplier(cfg, length, steps):
     )
 
 
+class _TwoStageScheduler(ParamScheduler):
+    """``first`` over [0, split) of training, ``second`` restarted over [split, 1].
+
+    Each stage sees its own progress in [0, 1]; it is clamped because the split is a float and
+    detectron2 asks for the value at the very end of training (where = 1).
+    """
+
+    def __init__(self, first, second, split):
+        self.first, self.second, self.split = first, second, split
+
+    def __call__(self, where):
+        if where < self.split:
+            return self.first(where / self.split)
+        return self.second(min(max((where - self.split) / (1 - self.split), 0.0), 1.0))
+
+
 def build_cascade_lr_scheduler(cfg, optimizer):
     """The learning-rate schedule of a sequential MC-CNN run: SOLVER's schedule over Ec's
     ``DETECTOR_ITERS`` iterations, then the same schedule again (warm-up included, SOLVER.STEPS
@@ -86,12 +102,10 @@ def build_cascade_lr_scheduler(cfg, optimizer):
     ):
         return build_lr_scheduler(cfg, optimizer)
     refiner_iters = max_iter - detector_iters
-    detector = _stage_multiplier(cfg, detector_iters, cfg.SOLVER.STEPS)
     refiner_steps = [round(s * refiner_iters / detector_iters) for s in cfg.SOLVER.STEPS]
-    refiner = _stage_multiplier(cfg, refiner_iters, refiner_steps)
-    multiplier = CompositeParamScheduler(
-        [detector, refiner],
-        lengths=[detector_iters / max_iter, refiner_iters / max_iter],
-        interval_scaling=["rescaled", "rescaled"],
+    multiplier = _TwoStageScheduler(
+        _stage_multiplier(cfg, detector_iters, cfg.SOLVER.STEPS),
+        _stage_multiplier(cfg, refiner_iters, refiner_steps),
+        detector_iters / max_iter,
     )
     return LRMultiplier(optimizer, multiplier=multiplier, max_iter=max_iter)
