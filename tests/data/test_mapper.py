@@ -13,7 +13,6 @@ from PIL import Image
 from thyroid_det.config import add_mccnn_config
 from thyroid_det.data.mapper import SSDDatasetMapper
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
 OUT_H, OUT_W = 48, 64
 # Per-class brightness, so each output box can be checked against the class it kept.
 BACKGROUND, CLASS_VALUE = 20, {0: 150, 1: 240}
@@ -222,19 +221,11 @@ def test_bad_files_raise_errors_naming_the_file(tmp_path, gray_png):
         mapper(record(gray_png, height=57))
 
 
-def _real_tn5000():
-    for root in (os.getenv("THYROID_DATASETS"), "datasets", SHARED_DATA):
-        if root and os.path.isdir(os.path.join(root, "TN5000", "Annotations")):
-            return os.path.join(root, "TN5000")
-    return None
-
-
 @pytest.mark.tn5000
-@pytest.mark.skipif(_real_tn5000() is None, reason="TN5000 not found (set THYROID_DATASETS)")
-def test_real_tn5000_images():
+def test_real_tn5000_images(tn5000_datasets):
     import xml.etree.ElementTree as ET
 
-    TN5000 = _real_tn5000()
+    TN5000 = os.path.join(tn5000_datasets, "TN5000")
     names = sorted(os.listdir(os.path.join(TN5000, "Annotations")))[:3]
     cfg = make_cfg()
     cfg.INPUT.FIXED_SIZE = (128, 128)

@@ -12,7 +12,6 @@ from detectron2.structures import BoxMode
 import thyroid_det  # noqa: F401  (registers tn5000_*)
 from thyroid_det.data.datasets import DatasetFormatError, load_tn5000, register_tn5000
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
 
 
 def boxes_of(record):
@@ -194,18 +193,9 @@ def test_registered_names_are_lazy_and_follow_the_environment(voc_tree, tmp_path
     assert [r["image_id"] for r in DatasetCatalog.get("tn5000_val")] == [1]
 
 
-def _real_root():
-    for root in (os.getenv("THYROID_DATASETS"), "datasets", SHARED_DATA):
-        if root and os.path.isdir(os.path.join(root, "TN5000", "Annotations")):
-            return root
-    return None
-
-
 @pytest.mark.tn5000
-@pytest.mark.skipif(_real_root() is None, reason="TN5000 not found (set THYROID_DATASETS)")
-def test_real_tn5000_val_and_train_merge(monkeypatch):
+def test_real_tn5000_val_and_train_merge(tn5000_datasets):
     """Counts measured on the TN5000 release in ../shared/data (3459 train + 497 val files)."""
-    monkeypatch.setenv("THYROID_DATASETS", _real_root())
     val = DatasetCatalog.get("tn5000_val")
     train = DatasetCatalog.get("tn5000_train")
     assert (len(val), sum(len(r["source_ids"]) for r in val)) == (496, 522)

@@ -5,7 +5,6 @@ import itertools
 import json
 import logging
 import math
-import os
 
 import numpy as np
 import pytest
@@ -293,24 +292,10 @@ def test_build_evaluators_class_agnostic_coco(tmp_path):
         assert ("auc" in results["nodule"]) != agnostic
 
 
-SHARED_DATA = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "..", "shared", "data"
-)
-
-
-def _tn5000_root():
-    for root in (os.getenv("THYROID_DATASETS"), "datasets", SHARED_DATA):
-        if root and os.path.isdir(os.path.join(root, "TN5000", "Annotations")):
-            return root
-    return None
-
-
 @pytest.mark.tn5000
-@pytest.mark.skipif(_tn5000_root() is None, reason="TN5000 not found (set THYROID_DATASETS)")
-def test_real_tn5000_val_oracle_and_size_groups(monkeypatch):
+def test_real_tn5000_val_oracle_and_size_groups(tn5000_datasets):
     """An oracle (every box found, diagnosis given) on tn5000_val scores perfectly, and the
     default size edges (TN5000 train terciles) split the val nodules into similar thirds."""
-    monkeypatch.setenv("THYROID_DATASETS", _tn5000_root())
     records = DatasetCatalog.get("tn5000_val")
     outputs = []
     for r in records:

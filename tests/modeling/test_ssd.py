@@ -333,17 +333,8 @@ def test_overfits_phantoms_and_boxes_land():
     assert correct / total >= 0.6
 
 
-def _real_tn5000():
-    shared = os.path.join(REPO, "..", "shared", "data")
-    for root in (os.getenv("THYROID_DATASETS"), "datasets", shared):
-        if root and os.path.isdir(os.path.join(root, "TN5000", "Annotations")):
-            return os.path.join(root, "TN5000")
-    return None
-
-
 @pytest.mark.tn5000
-@pytest.mark.skipif(_real_tn5000() is None, reason="TN5000 not found (set THYROID_DATASETS)")
-def test_real_tn5000_images_through_mapper_and_model():
+def test_real_tn5000_images_through_mapper_and_model(tn5000_datasets):
     """Two real images, mapped by SSDDatasetMapper at 128 px: a training step and detections in
     the original image frame."""
     import xml.etree.ElementTree as ET
@@ -352,7 +343,7 @@ def test_real_tn5000_images_through_mapper_and_model():
 
     from thyroid_det.data.mapper import SSDDatasetMapper
 
-    root_dir = _real_tn5000()
+    root_dir = os.path.join(tn5000_datasets, "TN5000")
     cfg = tiny_cfg()
     cfg.INPUT.FIXED_SIZE = (128, 128)
     records = []
