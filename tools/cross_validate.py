@@ -29,12 +29,12 @@ import detectron2.utils.comm as comm
 import numpy as np
 from detectron2.engine import launch
 from tabulate import tabulate
-from thyroid_det.utils.file_io import atomic_write_json
 
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_kfold_datasets
 from thyroid_det.engine import Trainer, setup_cfg
 from thyroid_det.evaluation import flat_metrics
+from thyroid_det.utils.file_io import atomic_write_json
 
 SUMMARY_KEYS = (
     "bbox.AP",
