@@ -13,7 +13,8 @@ Runs detectron2's ``inference_on_dataset`` with the project's test mapper (resiz
 INPUT.FIXED_SIZE), COCO box AP and thyroid_det's NoduleEvaluator. Writes to ``--output``:
 
 * ``metrics.json``: flat ``"<task>.<metric>"`` keys (split at the first dot). ``bbox.*`` are
-  COCOEvaluator's, in percent (bbox.AP, bbox.AP50, bbox.AP75, bbox.AP-malignant, ...);
+  COCOEvaluator's, in percent (bbox.AP, bbox.AP50, bbox.AP75, bbox.AP-malignant,
+  bbox.AP50-malignant, ...);
   ``nodule.*`` are NoduleEvaluator's, as fractions (nodule.recall50, nodule.accuracy,
   nodule.sensitivity, nodule.specificity, nodule.auc, nodule.auc_ci_low, nodule.froc@1fp,
   nodule.auc-size_small, ...; see thyroid_det.evaluation.NoduleEvaluator).

@@ -2,6 +2,7 @@
 import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
@@ -143,3 +144,29 @@ def test_converter_round_trip(voc_tree, tmp_path, load_tool):
         ["000001", "000002"],
         ["000004"],
     ]
+
+
+def test_converter_reencodes_smaller_images_with_scaled_boxes(voc_tree, tmp_path, load_tool):
+    dirname = voc_tree(
+        {"000001": {"size": (64, 48), "objects": [("1", 8, 4, 40, 36)]}, "000002": {}},
+        {"train": ["000001", "000002"]},
+    )
+    tool = load_tool("convert_tn5000_to_coco")
+    images = tmp_path / "small"
+    args = ["--root", os.path.dirname(dirname), "--splits", "train", "--output-dir",
+            str(tmp_path / "coco"), "--image-dir", str(images), "--max-side", "32"]
+    (entry,) = tool.main(args + ["--format", "png"])
+    assert entry[2] == str(images)
+    back = load_coco_json(entry[1], entry[2], "test_reencoded")
+    assert sorted(os.listdir(images)) == ["000001.png", "000002.png"]
+    first = next(r for r in back if r["image_id"] == 1)
+    pixels = cv2.imread(first["file_name"], cv2.IMREAD_UNCHANGED)
+    assert pixels.shape == (24, 32) == (first["height"], first["width"])  # grayscale, halved
+    box = BoxMode.convert(first["annotations"][0]["bbox"], first["annotations"][0]["bbox_mode"],
+                          BoxMode.XYXY_ABS)
+    # load_tn5000 turns VOC's 1-based inclusive corners into [x0 - 1, x1); then halved.
+    original = load_tn5000(dirname, "train")[0]["annotations"][0]["bbox"]
+    assert box == pytest.approx([v / 2 for v in original])
+    with pytest.raises(SystemExit):  # --max-side without --image-dir
+        tool.main(["--root", os.path.dirname(dirname), "--output-dir", str(tmp_path),
+                   "--max-side", "9"])

@@ -289,6 +289,11 @@ def test_build_evaluators_class_agnostic_coco(tmp_path):
             assert results["bbox"]["AP50"] == pytest.approx(100.0)
         else:
             assert results["bbox"]["AP50"] <= 50.0 and results["bbox"]["AP-benign"] == 0.0
+            # Per-class AP50: none of the benign nodules is found as benign; the mean of the
+            # per-class figures is COCO's AP50.
+            assert results["bbox"]["AP50-benign"] == 0.0
+            per_class = (results["bbox"]["AP50-benign"] + results["bbox"]["AP50-malignant"]) / 2
+            assert per_class == pytest.approx(results["bbox"]["AP50"])
         assert ("auc" in results["nodule"]) != agnostic
 
 

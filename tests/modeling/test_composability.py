@@ -184,6 +184,24 @@ def test_predictor_outputs_are_in_the_original_frame(predictor):
     assert torch.allclose(inst.scores, direct.scores)
 
 
+@pytest.mark.parametrize("name", sorted(COMPOSITIONS))
+def test_detectron2_default_predictor_on_a_three_channel_variant(name):
+    """detectron2's DefaultPredictor only takes RGB/BGR configs: with INPUT.FORMAT "BGR" and a
+    3-channel PIXEL_MEAN/STD every composition (and the cascade) is a 3-channel model that it
+    runs unchanged, resizing by MIN/MAX_SIZE_TEST (aspect kept) instead of INPUT.FIXED_SIZE."""
+    from detectron2.engine import DefaultPredictor
+
+    cfg = load_cfg(name, ["INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN", [58.6] * 3,
+                          "MODEL.PIXEL_STD", [50.2] * 3])
+    cfg.INPUT.MIN_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST = SIZE
+    torch.manual_seed(0)
+    pred = DefaultPredictor(cfg)
+    convs = [m for m in pred.model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert min(c.in_channels for c in convs) == 3
+    image = np.repeat(grayscale_image()[:, :, None], 3, axis=2)
+    check_instances(pred(image)["instances"], image.shape[:2])
+
+
 def test_predictor_takes_grayscale_or_bgr_and_names_bad_shapes():
     torch.manual_seed(0)
     pred = Predictor(load_cfg("mssd_R50_FPN.yaml"))

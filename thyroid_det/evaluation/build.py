@@ -1,8 +1,10 @@
 """The evaluators that training and tools/evaluate.py run: COCO box AP plus the nodule metrics."""
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
 from detectron2.structures import Instances
+from tabulate import tabulate
 
 from .nodule_evaluator import NoduleEvaluator
 
@@ -14,6 +16,39 @@ def has_compiled_ops():
     except ImportError:
         return False
     return True
+
+
+class PerClassAP50COCOEvaluator(COCOEvaluator):
+    """detectron2's COCOEvaluator, plus each class's AP at IoU 0.5 as ``"AP50-<class>"``.
+
+    Clinical detection papers report AP50 per diagnosis; COCOEvaluator gives per-class AP only
+    averaged over IoU 0.5:0.95. Read from the same COCOeval precision table, in percent.
+    """
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+        if not class_names or len(class_names) <= 1:
+            return results
+        if coco_eval is None:
+            results.update({f"AP50-{name}": float("nan") for name in class_names})
+            return results
+        iou50 = int(np.argmin(np.abs(coco_eval.params.iouThrs - 0.5)))
+        # precision: (iou, recall, class, area range "all", max dets: the largest)
+        precisions = coco_eval.eval["precision"][iou50, :, :, 0, -1]
+        per_class = {}
+        for idx, name in enumerate(class_names):
+            precision = precisions[:, idx]
+            precision = precision[precision > -1]
+            ap50 = float(precision.mean() * 100) if precision.size else float("nan")
+            per_class[f"AP50-{name}"] = ap50
+        table = tabulate(
+            [[k[len("AP50-"):], v] for k, v in per_class.items()],
+            headers=["category", "AP50"],
+            floatfmt=".3f",
+        )
+        self._logger.info(f"Per-category {iou_type} AP50:\n{table}")
+        results.update(per_class)
+        return results
 
 
 def register_class_agnostic(dataset_name):
@@ -82,7 +117,7 @@ def build_evaluators(cfg, dataset_name, output_dir, class_agnostic=False, distri
         DatasetEvaluators: results under "bbox" (COCO) and "nodule".
     """
     coco_name = register_class_agnostic(dataset_name) if class_agnostic else dataset_name
-    coco = COCOEvaluator(
+    coco = PerClassAP50COCOEvaluator(
         coco_name,
         tasks=("bbox",),
         distributed=distributed,
