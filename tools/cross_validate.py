@@ -39,6 +39,8 @@ from thyroid_det.utils.file_io import atomic_write_json
 SUMMARY_KEYS = (
     "bbox.AP",
     "bbox.AP50",
+    "bbox.AP50-benign",
+    "bbox.AP50-malignant",
     "nodule.recall50",
     "nodule.froc_cpm",
     "nodule.accuracy",

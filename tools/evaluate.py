@@ -48,6 +48,8 @@ logger = logging.getLogger("thyroid_det.evaluate")
 SUMMARY_KEYS = (
     "bbox.AP",
     "bbox.AP50",
+    "bbox.AP50-benign",
+    "bbox.AP50-malignant",
     "bbox.AP75",
     "nodule.recall50",
     "nodule.froc_cpm",
