@@ -23,6 +23,7 @@ def setup_cfg(args, freeze=True):
     add_mccnn_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    check_solver(cfg, args.config_file)
     asked_device = cfg.MODEL.DEVICE
     if asked_device.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
@@ -36,6 +37,24 @@ def setup_cfg(args, freeze=True):
         )
     register_coco_datasets(cfg)
     return cfg
+
+
+def check_solver(cfg, source):
+    """Reject learning-rate steps that fvcore's scheduler would only refuse deep inside training.
+
+    Steps beyond MAX_ITER stay allowed: detectron2 drops them with a warning, which is what a
+    shortened command-line run (``SOLVER.MAX_ITER 100``) relies on.
+    """
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupMultiStepLR":
+        return
+    steps = list(cfg.SOLVER.STEPS)
+    if steps != sorted(set(steps)):
+        raise ValueError(f"{source}: SOLVER.STEPS {tuple(steps)} must be strictly increasing")
+    if cfg.SOLVER.MAX_ITER in steps:
+        raise ValueError(
+            f"{source}: SOLVER.STEPS {tuple(steps)} includes SOLVER.MAX_ITER "
+            f"({cfg.SOLVER.MAX_ITER}); every step must come before the last iteration"
+        )
 
 
 def setup_cfg_for_weights(args, tool):
