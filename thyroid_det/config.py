@@ -77,7 +77,7 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
     # Smooth-L1 beta of the box loss.
     _C.MODEL.SSD.SMOOTH_L1_BETA = 1.0
-    # Hard negative mining: negatives kept per positive.
+    # Hard negative mining: negatives kept per positive (SSD: 3; Base-SSD.yaml says why it uses 20).
     _C.MODEL.SSD.NEG_POS_RATIO = 3
     # Inference: minimum foreground score, candidates kept before NMS, NMS IoU.
     _C.MODEL.SSD.SCORE_THRESH_TEST = 0.01

@@ -95,9 +95,9 @@ class MultiScaleSSD(nn.Module):
     A softmax over ``num_classes + 1`` classes (background last, detectron2's convention for
     softmax heads) is predicted for every anchor together with box deltas. Training matches
     anchors to nodules at IoU 0.5 (each nodule also keeps its best anchor), and uses smooth-L1 on
-    positives plus cross-entropy on positives and the hardest negatives (3:1), both normalised by
-    the number of positives in the batch. Inference keeps confident anchors, decodes them and
-    applies NMS.
+    positives plus cross-entropy on positives and the hardest negatives (``neg_pos_ratio`` per
+    positive: SSD used 3, Base-SSD.yaml 20), both normalised by the number of positives in the
+    batch. Inference keeps confident anchors, decodes them and applies NMS.
 
     The methods ``preprocess_image``, ``forward_head``, ``ssd_losses`` and ``ssd_inference`` are the
     interface that the MC-CNN cascade builds on.
