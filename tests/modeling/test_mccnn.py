@@ -219,17 +219,19 @@ def test_sequential_lr_schedule_restarts_for_the_refiner():
         assert lrs[it] == pytest.approx(lr, rel=1e-6), it
     # The split of configs/mccnn_cpu.yaml is not exact in floating point; the last step must work.
     cfg.MODEL.MCCNN.DETECTOR_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 700, 850, (550,)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
-    scheduler = build_cascade_lr_scheduler(cfg, optimizer)
-    for _ in range(850):
-        optimizer.step()
-        scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert _lr_after(cfg, 850) == pytest.approx(0.01)
     cfg.MODEL.MCCNN.DETECTOR_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 100, 150, (50,)
     cfg.MODEL.MCCNN.SCHEDULE = "joint"  # one schedule for the whole run
+    assert _lr_after(cfg, 100) == pytest.approx(0.01)
+
+
+def _lr_after(cfg, steps):
+    """The cascade scheduler's learning rate after ``steps`` optimizer steps."""
+    from thyroid_det.engine.hooks import build_cascade_lr_scheduler
+
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
     scheduler = build_cascade_lr_scheduler(cfg, optimizer)
-    for _ in range(100):
+    for _ in range(steps):
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    return optimizer.param_groups[0]["lr"]
