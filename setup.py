@@ -16,6 +16,12 @@ setup(
         "scikit-learn",
         "matplotlib",
         "tqdm",
+        # DICOM input: pydicom, and pylibjpeg's decoders for JPEG lossless/LS and JPEG 2000
+        # pixel data (pydicom decodes RLE itself and baseline JPEG with Pillow).
+        "pydicom>=3.0",
+        "pylibjpeg>=2.0",
+        "pylibjpeg-libjpeg>=2.1",
+        "pylibjpeg-openjpeg>=2.0",
     ],
     extras_require={"dev": ["pytest"]},
 )

@@ -23,3 +23,69 @@ def tn5000_datasets(monkeypatch):
         pytest.skip("TN5000 not found (set THYROID_DATASETS)")
     monkeypatch.setenv("THYROID_DATASETS", root)
     return root
+
+
+def write_dicom(path, pixels, calibration=None, transfer_syntax=None, modality="US"):
+    """Write a small DICOM file with pydicom.
+
+    Args:
+        pixels (ndarray): HxW (MONOCHROME2), HxWx3 (RGB) or FxHxW / FxHxWx3 (multi-frame), uint8
+            or uint16.
+        calibration: None, ``("us", mm_per_px_x, mm_per_px_y)`` (one 2D tissue region over the
+            image, PhysicalDelta in cm), ``("us_regions", [(x0, y0, x1, y1, dx_mm, dy_mm), ...])``
+            or ``("spacing", row_mm, col_mm)`` (PixelSpacing).
+        transfer_syntax: None (explicit VR little endian) or a compressed syntax UID pydicom
+            can encode (e.g. ``pydicom.uid.RLELossless``).
+    """
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(pixels)
+    colour = pixels.shape[-1] == 3 and pixels.ndim in (3, 4)
+    multi = pixels.ndim == (4 if colour else 3)
+    sop_class = {
+        ("US", False): "1.2.840.10008.5.1.4.1.1.6.1",
+        ("US", True): "1.2.840.10008.5.1.4.1.1.3.1",
+    }.get((modality, multi), "1.2.840.10008.5.1.4.1.1.7")  # else Secondary Capture
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.PatientID = "TEST"
+    bits = 16 if pixels.dtype == np.uint16 else 8
+    ds.set_pixel_data(pixels, "RGB" if colour else "MONOCHROME2", bits)
+    height, width = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
+    if calibration and calibration[0] in ("us", "us_regions"):
+        regions = calibration[1] if calibration[0] == "us_regions" else [
+            (0, 0, width - 1, height - 1, calibration[1], calibration[2])
+        ]
+        items = []
+        for x0, y0, x1, y1, dx, dy in regions:
+            item = Dataset()
+            item.RegionSpatialFormat = 1
+            item.RegionDataType = 1
+            item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
+            item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
+            item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3  # cm
+            item.PhysicalDeltaX, item.PhysicalDeltaY = dx / 10.0, dy / 10.0
+            items.append(item)
+        ds.SequenceOfUltrasoundRegions = Sequence(items)
+    elif calibration and calibration[0] == "spacing":
+        ds.PixelSpacing = [calibration[1], calibration[2]]
+    if transfer_syntax is not None:
+        ds.compress(transfer_syntax)
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_dicom():
+    """``make_dicom(path, pixels, calibration=None, transfer_syntax=None)``: see write_dicom."""
+    return write_dicom

@@ -1,0 +1,94 @@
+"""DICOM frames and calibration, on files the tests write with pydicom."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import RLELossless
+
+from thyroid_det.data.dicom import DicomError, box_size_mm, is_dicom, read_dicom, read_dicom_header
+
+
+def gradient(height=48, width=64):
+    return np.tile(np.linspace(0, 255, width).astype(np.uint8), (height, 1))
+
+
+def test_uncalibrated_monochrome(tmp_path, make_dicom):
+    image = gradient()
+    path = make_dicom(tmp_path / "plain.dcm", image)
+    dicom = read_dicom(path)
+    assert len(dicom.frames) == 1 and dicom.frames[0].dtype == np.uint8
+    np.testing.assert_array_equal(dicom.frames[0], image)
+    assert dicom.calibration is None
+    size = box_size_mm(dicom.calibration, [0, 0, 10, 10])
+    assert size["calibration"] == "none" and "no physical calibration" in size["reason"]
+
+
+def test_ultrasound_regions_give_millimetres(tmp_path, make_dicom):
+    path = make_dicom(tmp_path / "us.dcm", gradient(), calibration=("us", 0.1, 0.2))
+    dicom = read_dicom(path)
+    assert dicom.calibration.source == "SequenceOfUltrasoundRegions"
+    size = box_size_mm(dicom.calibration, [10, 10, 30, 20])
+    assert size["width_mm"] == pytest.approx(2.0) and size["height_mm"] == pytest.approx(2.0)
+    assert size["diameter_mm"] == pytest.approx(2.0)
+    # The JSON form that dataset records carry measures the same.
+    assert box_size_mm(dicom.calibration.to_dict(), [10, 10, 30, 20]) == size
+
+
+def test_box_measured_in_the_region_that_contains_it(tmp_path, make_dicom):
+    regions = [(0, 0, 31, 47, 0.1, 0.1), (32, 0, 63, 47, 0.5, 0.5)]
+    path = make_dicom(tmp_path / "two.dcm", gradient(), calibration=("us_regions", regions))
+    _, calibration = read_dicom_header(path)
+    assert box_size_mm(calibration, [2, 2, 12, 12])["width_mm"] == pytest.approx(1.0)
+    assert box_size_mm(calibration, [40, 2, 50, 12])["width_mm"] == pytest.approx(5.0)
+    straddles = box_size_mm(calibration, [20, 2, 50, 12])
+    assert straddles["calibration"] == "none" and "outside" in straddles["reason"]
+
+
+def test_pixel_spacing(tmp_path, make_dicom):
+    path = make_dicom(tmp_path / "sc.dcm", gradient(), calibration=("spacing", 0.3, 0.1), modality="OT")
+    info, calibration = read_dicom_header(path)
+    assert info["sop_class"] == "1.2.840.10008.5.1.4.1.1.7"
+    size = box_size_mm(calibration, [0, 0, 10, 10])
+    assert calibration.source == "PixelSpacing"
+    assert (size["width_mm"], size["height_mm"]) == (pytest.approx(1.0), pytest.approx(3.0))
+
+
+def test_multi_frame_rle_compressed(tmp_path, make_dicom):
+    frames = np.stack([gradient(), 255 - gradient(), np.full((48, 64), 7, np.uint8)])
+    path = make_dicom(tmp_path / "cine.dcm", frames, ("us", 0.1, 0.1), transfer_syntax=RLELossless)
+    dicom = read_dicom(path)
+    assert dicom.info["num_frames"] == 3 and dicom.info["transfer_syntax"] == RLELossless
+    for got, want in zip(dicom.frames, frames):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_rgb_becomes_luma(tmp_path, make_dicom):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 50, 3)).astype(np.uint8)
+    dicom = read_dicom(make_dicom(tmp_path / "rgb.dcm", rgb))
+    np.testing.assert_array_equal(dicom.frames[0], np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+def test_16bit_uses_the_stored_range(tmp_path, make_dicom):
+    image = (gradient().astype(np.uint16) * 257)
+    dicom = read_dicom(make_dicom(tmp_path / "deep.dcm", image))
+    np.testing.assert_array_equal(dicom.frames[0], gradient())
+
+
+def test_not_dicom_is_a_clear_error(tmp_path):
+    path = tmp_path / "fake.dcm"
+    path.write_bytes(b"hello")
+    assert is_dicom(str(path))
+    with pytest.raises(DicomError, match="not a DICOM file|unreadable DICOM"):
+        read_dicom(str(path))
+    with pytest.raises(DicomError, match="no such file"):
+        read_dicom(str(tmp_path / "missing.dcm"))
+
+
+def test_jpeg2000_lossless(tmp_path, make_dicom):
+    """JPEG 2000 decodes through pylibjpeg-openjpeg, which setup.py installs."""
+    from pydicom.uid import JPEG2000Lossless
+
+    image = gradient()
+    path = make_dicom(tmp_path / "j2k.dcm", image, transfer_syntax=JPEG2000Lossless)
+    np.testing.assert_array_equal(read_dicom(path).frames[0], image)
