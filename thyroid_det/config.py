@@ -146,3 +146,17 @@ def add_mccnn_config(cfg):
     _C.TEST.NODULE_EVAL.BOOTSTRAP = 1000
     # Per-record metadata fields to break metrics down by (e.g. "age_group").
     _C.TEST.NODULE_EVAL.GROUP_BY = []
+    # Size groups in millimetres (equivalent diameter sqrt(width * height) of the box), used
+    # instead of SIZE_EDGES when every evaluated image is physically calibrated (DICOM):
+    # small < 10 mm <= middle < 20 mm <= large (1 and 2 cm, as nodules are reported clinically).
+    _C.TEST.NODULE_EVAL.SIZE_EDGES_MM = [10.0, 20.0]
+    # Equal-width probability bins of the expected calibration error and reliability diagram.
+    _C.TEST.NODULE_EVAL.CALIBRATION_BINS = 10
+    # A malignant-probability threshold fixed beforehand (e.g. on a validation run, see
+    # tools/evaluate.py --threshold-from); >= 0 adds *_fixed metrics with bootstrap intervals.
+    _C.TEST.NODULE_EVAL.FIXED_THRESHOLD = -1.0
+
+    # Temperature applied to the malignant probability at inference (tools/fit_temperature.py
+    # fits it on a validation set): 0 takes the checkpoint's "malignancy_temperature" entry when
+    # it has one, else none; > 0 overrides it (1.0: none).
+    _C.MODEL.MALIGNANCY_TEMPERATURE = 0.0

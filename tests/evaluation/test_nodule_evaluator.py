@@ -190,6 +190,50 @@ def test_size_groups():
     assert math.isnan(m["accuracy-size_middle"])
 
 
+def calibrated(mm_per_px):
+    """A record's DICOM calibration, in the form thyroid_det's DICOM loading gives it."""
+    region = {"x0": 0, "y0": 0, "x1": 399, "y1": 399, "mm_per_px_x": mm_per_px, "mm_per_px_y": mm_per_px}
+    return {"source": "SequenceOfUltrasoundRegions", "regions": [region]}
+
+
+def test_size_groups_in_millimetres_when_every_image_is_calibrated(tmp_path):
+    box = [0, 0, 100, 100]  # 100 px: the middle pixel group
+    records = [
+        record(0, [box], [1], calibration=calibrated(0.05)),  # 5 mm: small
+        record(1, [box], [0], calibration=calibrated(0.15)),  # 15 mm: middle
+        record(2, [box], [1], calibration=calibrated(0.3)),  # 30 mm: large
+    ]
+    outputs = [output([box], [0.9], [0.9]) for _ in records]
+    m = run(records, outputs, output_dir=str(tmp_path))
+    assert [m[f"num_nodules-size_{g}"] for g in ("small", "middle", "large")] == [1, 1, 1]
+    report = json.loads((tmp_path / "nodule_metrics.json").read_text())
+    assert "millimetres" in report["size_groups"] and "10 mm" in report["size_groups"]
+    assert report["size_group_counts"] == {"small": 1, "middle": 1, "large": 1}
+    rows = list(csv.DictReader(open(tmp_path / "nodules.csv")))
+    assert [r["size_mm"] for r in rows] == ["5.0", "15.0", "30.0"]
+    # One uncalibrated image: back to pixel groups, and the definition says why.
+    records[1] = record(1, [box], [0])
+    m = run(records, outputs, output_dir=str(tmp_path))
+    assert m["num_nodules-size_middle"] == 3
+    report = json.loads((tmp_path / "nodule_metrics.json").read_text())
+    assert "pixels" in report["size_groups"] and "1 nodules lack" in report["size_groups"]
+
+
+def test_calibration_and_operating_points_reported():
+    probs = [0.1, 0.3, 0.45, 0.6, 0.55, 0.7, 0.8, 0.95]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    records = [record(i, [BOX], [c]) for i, c in enumerate(labels)]
+    outputs = [output([BOX], [0.9], [p]) for p in probs]
+    m = run(records, outputs, fixed_threshold=0.5)
+    assert m["brier"] == pytest.approx(np.mean((np.array(probs) - np.array(labels)) ** 2))
+    assert 0 <= m["ece"] <= 1
+    assert m["sensitivity_fixed"] == 1.0 and m["specificity_fixed"] == 0.75
+    assert m["fixed_threshold"] == 0.5
+    assert m["specificity_fixed_ci_low"] <= 0.75 <= m["specificity_fixed_ci_high"]
+    assert m["sensitivity_at_spec90"] == 0.75 and m["specificity_at_sens90"] == 0.75
+    assert "sensitivity_fixed" not in run(records, outputs)
+
+
 def test_group_by_metadata_field():
     records = [record(i, [BOX], [i % 2], age_group="old" if i < 2 else "young") for i in range(4)]
     outputs = [output([BOX], [0.9], [p]) for p in (0.2, 0.9, 0.9, 0.9)]
@@ -251,7 +295,7 @@ def test_files_written(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "nodules.csv")))
     assert len(rows) == 4 and rows[3]["detected"] == "0" and rows[0]["prediction"] == "malignant"
     assert rows[0]["gt_class"] == "malignant" and rows[0]["size_group"] == "middle"
-    for png in ("roc.png", "froc.png"):
+    for png in ("roc.png", "froc.png", "reliability.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.tmp"))
 

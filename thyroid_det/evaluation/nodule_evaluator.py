@@ -20,8 +20,15 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 from tabulate import tabulate
 
+from ..data.dicom import box_size_mm
 from ..utils.file_io import atomic_write_json, atomic_write_text
-from .plots import plot_froc_curves, plot_roc_curves
+from .calibration import calibration_metrics, reliability_curve
+from .operating_points import (
+    fixed_threshold_metrics,
+    percentile_interval,
+    standard_operating_points,
+)
+from .plots import plot_froc_curves, plot_reliability_diagram, plot_roc_curves
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,13 @@ DEFINITIONS = {
     "nodules, seed {seed}",
     "froc": "detection sensitivity at <r> false positives per image: class-agnostic; in score "
     "order a detection hits an unmatched nodule at IoU >= 0.5 or is a false positive",
+    "calibration": "ece: expected calibration error of the malignant probability over found "
+    "nodules, {bins} equal-width bins, |fraction malignant - mean probability| weighted by bin "
+    "count; brier: mean squared error of the probability (sklearn brier_score_loss)",
+    "operating_points": "sensitivity_at_spec90: best sensitivity with specificity >= 0.9 "
+    "(specificity_at_sens90 vice versa), threshold picked on this set, 95% bootstrap interval "
+    "re-picking it per resample; *_fixed: malignant if probability >= fixed_threshold, a "
+    "threshold fixed beforehand (TEST.NODULE_EVAL.FIXED_THRESHOLD), with 95% bootstrap intervals",
     "groups": "<metric>-size_<group>, <metric>-<field>_<value>; size groups count false "
     "positives over all images, metadata groups over the group's images; *_youden use the "
     "overall youden_threshold",
@@ -141,13 +155,7 @@ def bootstrap_auc_interval(y_true, y_prob, num_resamples, seed=0, level=0.95, ch
     for start in range(0, num_resamples, chunk):
         idx = rng.integers(0, n, size=(min(chunk, num_resamples - start), n))
         aucs.append(rank_auc(y_true[idx], y_prob[idx]))
-    aucs = np.concatenate(aucs)
-    aucs = aucs[np.isfinite(aucs)]
-    if len(aucs) < 10:
-        return NAN, NAN
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(aucs, [tail, 100.0 - tail])
-    return float(low), float(high)
+    return percentile_interval(np.concatenate(aucs), level)
 
 
 def froc_operating_points(scores, is_tp, num_gt, num_images):
@@ -249,9 +257,15 @@ class NoduleEvaluator(DatasetEvaluator):
       greedy one-to-one matching at IoU 0.5), ``froc_cpm`` their mean.
     * Cascade outputs (with ``coarse_probs`` and ``fine_probs``) also get ``accuracy_coarse``,
       ``auc_coarse``, ..., ``auc_fine``: each stage alone on the same found nodules (overall).
+    * Overall, on found nodules: ``ece`` and ``brier`` (calibration of the malignant
+      probability), ``sensitivity_at_spec90`` / ``specificity_at_sens90`` with their thresholds
+      and bootstrap intervals, and with ``TEST.NODULE_EVAL.FIXED_THRESHOLD`` >= 0
+      ``accuracy_fixed``, ``sensitivity_fixed``, ``specificity_fixed`` (``_ci_low``/``_ci_high``).
 
-    Writes ``nodule_metrics.json``, ``nodules.csv`` (one row per ground-truth nodule),
-    ``roc.png`` and ``froc.png`` to ``output_dir``.
+    Size groups are in millimetres (``SIZE_EDGES_MM``) when every record carries a DICOM
+    ``calibration``, else in pixels (``SIZE_EDGES``); ``nodule_metrics.json`` states which, with
+    the counts. Writes ``nodule_metrics.json``, ``nodules.csv`` (one row per ground-truth
+    nodule), ``roc.png``, ``reliability.png`` and ``froc.png`` to ``output_dir``.
     """
 
     def __init__(
@@ -263,9 +277,12 @@ class NoduleEvaluator(DatasetEvaluator):
         *,
         iou_threshold=None,
         size_edges=None,
+        size_edges_mm=None,
         bootstrap=None,
         group_by=None,
         class_agnostic=False,
+        fixed_threshold=None,
+        calibration_bins=None,
         seed=0,
     ):
         """
@@ -277,10 +294,15 @@ class NoduleEvaluator(DatasetEvaluator):
             iou_threshold (float): IoU at which a detection finds a nodule (default 0.5).
             size_edges (tuple[float, float]): sqrt(box area) edges of the size groups, in
                 original-image pixels (default (89, 139): TN5000's terciles).
+            size_edges_mm (tuple[float, float]): the same in millimetres of equivalent diameter,
+                used instead when every image is calibrated (DICOM; default (10, 20)).
             bootstrap (int): resamples for the AUC interval (default 1000; 0 disables it).
             group_by (list[str]): record (or annotation) fields to break metrics down by.
             class_agnostic (bool): detection only: skip the benign/malignant metrics (for sets
                 whose annotations carry no diagnosis).
+            fixed_threshold (float): a malignant-probability threshold fixed beforehand (< 0:
+                none); adds the ``*_fixed`` metrics.
+            calibration_bins (int): bins of the ECE and the reliability diagram (default 10).
             seed (int): bootstrap seed.
         """
         nodule_cfg = cfg.TEST.NODULE_EVAL if cfg is not None else None
@@ -297,6 +319,9 @@ class NoduleEvaluator(DatasetEvaluator):
         self._size_edges = tuple(float(e) for e in pick(size_edges, "SIZE_EDGES", (89.0, 139.0)))
         if len(self._size_edges) != 2 or self._size_edges[0] > self._size_edges[1]:
             raise ValueError(f"SIZE_EDGES must be two increasing numbers, got {self._size_edges}")
+        self._size_edges_mm = tuple(float(e) for e in pick(size_edges_mm, "SIZE_EDGES_MM", (10, 20)))
+        self._calibration_bins = int(pick(calibration_bins, "CALIBRATION_BINS", 10))
+        self._fixed_threshold = float(pick(fixed_threshold, "FIXED_THRESHOLD", -1.0))
         self._bootstrap = int(pick(bootstrap, "BOOTSTRAP", 1000))
         self._group_by = list(pick(group_by, "GROUP_BY", []))
         self._class_agnostic = class_agnostic
@@ -354,6 +379,7 @@ class NoduleEvaluator(DatasetEvaluator):
         labels = self._diagnosis_labels(classes, notes)
         images = self._pair_with_records(predictions, records, notes)
         nodules, arrays = self._match_all(images, classes, labels)
+        size_definition = self._assign_size_groups(nodules)
         classify = labels is not None
         if classify and (arrays["label"] < 0).any():
             notes.append(
@@ -376,6 +402,12 @@ class NoduleEvaluator(DatasetEvaluator):
             metrics["youden_threshold"] = youden
         if classify:
             metrics.update(self._stage_metrics(nodules, usable))
+            metrics.update(
+                self._probability_metrics(arrays["label"][usable], arrays["prob"][usable])
+            )
+            curves_all["reliability"] = reliability_curve(
+                arrays["label"][usable], arrays["prob"][usable], self._calibration_bins
+            )
         curves, groups = OrderedDict(all=curves_all), OrderedDict()
         for suffix, nodule_mask, image_mask in self._group_masks(nodules, images, notes):
             groups[suffix], curves[suffix] = self._subset(
@@ -388,15 +420,21 @@ class NoduleEvaluator(DatasetEvaluator):
             n["prediction"] = (
                 ("malignant" if n["malignant_prob"] >= 0.5 else "benign") if called else ""
             )
-        low, high = self._size_edges
         details = {
             "dataset": self._dataset_name,
             "classes": classes,
             "match_iou": self._iou_threshold,
-            "size_groups": "sqrt(width * height) of the ground-truth box in original-image pixels: "
-            f"small < {low:g} <= middle < {high:g} <= large",
+            "size_groups": size_definition,
+            "size_group_counts": {
+                g: sum(n["size_group"] == g for n in nodules) for g in SIZE_GROUPS
+            },
             "definitions": {
-                k: v.format(iou=self._iou_threshold, bootstrap=self._bootstrap, seed=self._seed)
+                k: v.format(
+                    iou=self._iou_threshold,
+                    bootstrap=self._bootstrap,
+                    seed=self._seed,
+                    bins=self._calibration_bins,
+                )
                 for k, v in DEFINITIONS.items()
             },
             "groups": groups,
@@ -408,6 +446,46 @@ class NoduleEvaluator(DatasetEvaluator):
             "details": details,
             "notes": notes,
         }
+
+    def _assign_size_groups(self, nodules):
+        """Group nodules by millimetres when every one is calibrated, else by pixels; returns
+        the definition used."""
+        if nodules and all(n["size_mm"] is not None for n in nodules):
+            low, high = self._size_edges_mm
+            for n in nodules:
+                n["size_group"] = size_group(n["size_mm"], self._size_edges_mm)
+            return (
+                "equivalent diameter sqrt(width * height) of the ground-truth box in millimetres "
+                f"(DICOM calibration): small < {low:g} mm <= middle < {high:g} mm <= large"
+            )
+        low, high = self._size_edges
+        for n in nodules:
+            n["size_group"] = size_group(n["size"], self._size_edges)
+        why = "" if not any(n["size_mm"] is not None for n in nodules) else (
+            f" ({sum(n['size_mm'] is None for n in nodules)} nodules lack a physical calibration)"
+        )
+        return (
+            "sqrt(width * height) of the ground-truth box in original-image pixels: "
+            f"small < {low:g} <= middle < {high:g} <= large{why}"
+        )
+
+    def _probability_metrics(self, y_true, y_prob):
+        """Calibration (ece, brier), the standard operating points and, when a threshold was
+        fixed beforehand, accuracy/sensitivity/specificity ``_fixed`` with bootstrap intervals."""
+        metrics = calibration_metrics(y_true, y_prob, self._calibration_bins)
+        metrics.update(
+            standard_operating_points(y_true, y_prob, self._bootstrap, seed=self._seed)
+        )
+        if self._fixed_threshold >= 0:
+            metrics["fixed_threshold"] = self._fixed_threshold
+            fixed = fixed_threshold_metrics(
+                y_true, y_prob, self._fixed_threshold, self._bootstrap, seed=self._seed
+            )
+            for name in ("accuracy", "sensitivity", "specificity"):
+                metrics[f"{name}_fixed"] = fixed[name]
+                metrics[f"{name}_fixed_ci_low"] = fixed[f"{name}_ci_low"]
+                metrics[f"{name}_fixed_ci_high"] = fixed[f"{name}_ci_high"]
+        return metrics
 
     @staticmethod
     def _stage_metrics(nodules, usable):
@@ -500,6 +578,11 @@ class NoduleEvaluator(DatasetEvaluator):
             for j, ann in enumerate(annotations):
                 d = int(result["match"][j])
                 size = math.sqrt(max(gt[j, 2] - gt[j, 0], 0.0) * max(gt[j, 3] - gt[j, 1], 0.0))
+                physical = (
+                    box_size_mm(record["calibration"], gt[j].tolist())
+                    if record.get("calibration")
+                    else {}
+                )
                 category = ann.get("category_id")
                 known = isinstance(category, int) and 0 <= category < len(classes)
                 nodules.append(
@@ -511,7 +594,8 @@ class NoduleEvaluator(DatasetEvaluator):
                         "category": classes[category] if known else category,
                         "label": labels.get(category, -1) if labels is not None else -1,
                         "size": size,
-                        "size_group": size_group(size, self._size_edges),
+                        "size_mm": physical.get("diameter_mm"),
+                        "size_group": "",  # set by _assign_size_groups
                         "groups": {f: ann.get(f, record.get(f)) for f in self._group_by},
                         "detected": d >= 0,
                         "hit50": bool(result["best_iou"][j] >= 0.5),
@@ -657,6 +741,14 @@ class NoduleEvaluator(DatasetEvaluator):
                 os.path.join(out, "roc.png"),
                 title=f"ROC, malignant vs benign: {self._dataset_name}",
             )
+        if "reliability" in report["curves"]["all"]:
+            m = report["metrics"]
+            plot_reliability_diagram(
+                [(f"all (ECE {m['ece']:.3f}, Brier {m['brier']:.3f})",
+                  *report["curves"]["all"]["reliability"])],
+                os.path.join(out, "reliability.png"),
+                title=f"Reliability of the malignant probability: {self._dataset_name}",
+            )
         froc = [
             (name, *c["froc"])
             for name, c in report["curves"].items()
@@ -682,6 +774,7 @@ def nodule_csv(nodules, group_by=()):
             "gt_y1",
             "gt_class",
             "size_px",
+            "size_mm",
             "size_group",
         ]
         + list(group_by)
@@ -696,6 +789,7 @@ def nodule_csv(nodules, group_by=()):
                 *[f"{v:.1f}" for v in n["box"]],
                 n["category"],
                 f"{n['size']:.1f}",
+                "" if n.get("size_mm") is None else f"{n['size_mm']:.1f}",
                 n["size_group"],
             ]
             + [n["groups"].get(f, "") for f in group_by]

@@ -1,4 +1,5 @@
-"""ROC and FROC figures, drawn on matplotlib's Agg canvas (no display, no global backend)."""
+"""ROC, FROC and reliability figures, drawn on matplotlib's Agg canvas (no display, no global
+backend)."""
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -72,4 +73,35 @@ def plot_froc_curves(curves, path, fp_rates, title="FROC"):
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_reliability_diagram(curves, path, title="Reliability"):
+    """Draw reliability diagrams (fraction malignant against mean predicted probability, per
+    probability bin) in one PNG, with the bins' nodule counts as a histogram below.
+
+    Args:
+        curves (list[tuple]): ``(label, mean_predicted, fraction_positive, counts)`` per curve,
+            as :func:`thyroid_det.evaluation.calibration.reliability_curve` returns; put the
+            ECE in the label.
+        path (str): the PNG to write.
+        title (str): the figure title.
+    """
+    fig = Figure(figsize=(5.5, 6.0))
+    ax = fig.add_axes([0.13, 0.35, 0.82, 0.57])
+    hist = fig.add_axes([0.13, 0.08, 0.82, 0.18], sharex=ax)
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1, label="perfectly calibrated")
+    for label, predicted, observed, counts in curves:
+        line = ax.plot(predicted, observed, marker="o", markersize=4, linewidth=1.5, label=label)
+        hist.bar(predicted, counts, width=0.03, alpha=0.6, color=line[0].get_color())
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_ylabel("fraction malignant")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelbottom=False)
+    hist.set_xlabel("predicted malignant probability (bin mean)")
+    hist.set_ylabel("nodules")
+    hist.grid(alpha=0.3)
     _save(fig, path)
