@@ -5,6 +5,8 @@
 A threshold picked on the set it is reported on is optimistic; fix it on a validation run
 (``tools/evaluate.py --threshold-from``) and report the test set at that fixed value."""
 
+import csv
+import os
 import re
 
 import numpy as np
@@ -12,6 +14,7 @@ from sklearn.metrics import roc_curve
 
 __all__ = [
     "fixed_threshold_metrics",
+    "labelled_probabilities",
     "parse_target",
     "percentile_interval",
     "standard_operating_points",
@@ -154,3 +157,28 @@ def standard_operating_points(y_true, y_prob, num_resamples=1000, seed=0, level=
     for key in keys.values():
         out[f"{key}_ci_low"], out[f"{key}_ci_high"] = percentile_interval(samples[key])
     return out
+
+
+def labelled_probabilities(run_dir):
+    """``(y_true, malignant_prob, file)`` of the found nodules of a tools/evaluate.py run
+    (its ``nodules.csv``) or of the scored images of an image-level run (``images.csv``).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the folder or file.
+    """
+    for name, label_column in (("nodules.csv", "gt_class"), ("images.csv", "label")):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            break
+    else:
+        raise FileNotFoundError(f"{run_dir}: no nodules.csv or images.csv (not an evaluate.py run)")
+    y, p = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            label = str(row.get(label_column, "")).lower()
+            if label in ("benign", "malignant") and row.get("malignant_prob"):
+                y.append(label == "malignant")
+                p.append(float(row["malignant_prob"]))
+    if not y:
+        raise ValueError(f"{path}: no found nodule (or image) with a benign/malignant label")
+    return np.array(y), np.array(p), path
