@@ -77,8 +77,15 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
     # Smooth-L1 beta of the box loss.
     _C.MODEL.SSD.SMOOTH_L1_BETA = 1.0
+    # Classification loss: "softmax_mined" (SSD: softmax cross-entropy over positives and the
+    # hardest negatives) or "sigmoid_focal" (RetinaNet: sigmoid focal loss over every anchor).
+    _C.MODEL.SSD.CLS_LOSS_TYPE = "softmax_mined"
     # Hard negative mining: negatives kept per positive (SSD: 3; Base-SSD.yaml says why it uses 20).
     _C.MODEL.SSD.NEG_POS_RATIO = 3
+    # Focal loss parameters and the foreground prior of the class biases ("sigmoid_focal" only).
+    _C.MODEL.SSD.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.SSD.FOCAL_LOSS_GAMMA = 2.0
+    _C.MODEL.SSD.PRIOR_PROB = 0.01
     # Inference: minimum foreground score, candidates kept before NMS, NMS IoU.
     _C.MODEL.SSD.SCORE_THRESH_TEST = 0.01
     _C.MODEL.SSD.TOPK_CANDIDATES_TEST = 400

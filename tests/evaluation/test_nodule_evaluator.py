@@ -331,7 +331,10 @@ def test_build_evaluators_class_agnostic_coco(tmp_path):
         # Every benign nodule is detected as malignant: benign AP is 0, class-agnostic AP perfect.
         if agnostic:
             assert results["bbox"]["AP50"] == pytest.approx(100.0)
+            assert "bbox_agnostic" not in results
         else:
+            # the class-aware evaluation carries the class-agnostic AP beside it
+            assert results["bbox_agnostic"]["AP50"] == pytest.approx(100.0)
             assert results["bbox"]["AP50"] <= 50.0 and results["bbox"]["AP-benign"] == 0.0
             # Per-class AP50: none of the benign nodules is found as benign; the mean of the
             # per-class figures is COCO's AP50.

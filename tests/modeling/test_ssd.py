@@ -189,6 +189,33 @@ def test_losses_normalised_by_batch_positives_and_empty_images_add_nothing(model
     assert torch.isfinite(logits.grad).all()
 
 
+def test_sigmoid_focal_loss_over_every_anchor():
+    """CLS_LOSS_TYPE sigmoid_focal: the head has no background logit, class biases start at the
+    prior, the loss is the focal loss over every non-ignored anchor / positives, and inference
+    reads sigmoids."""
+    from fvcore.nn import sigmoid_focal_loss
+
+    cfg = tiny_cfg()
+    cfg.MODEL.SSD.CLS_LOSS_TYPE = "sigmoid_focal"
+    model = build(cfg)
+    prior = torch.sigmoid(model.head.cls_score[0].bias)
+    assert model.head.cls_score[0].out_channels == model.anchor_generator.num_cell_anchors[0] * 2
+    assert torch.allclose(prior, torch.full_like(prior, cfg.MODEL.SSD.PRIOR_PROB))
+
+    gt = [instances((64, 64), [[0, 0, 10, 10]], [1])]
+    logits = torch.randn(1, 4, 2, generator=torch.Generator().manual_seed(0))
+    loss = model.ssd_losses(ANCHORS, [logits], [torch.zeros(1, 4, 4)], gt)["loss_cls"]
+    # anchor 0 is the malignant nodule, anchors 1-3 background (all of them count, no mining)
+    targets = torch.tensor([[0.0, 1.0], [0, 0], [0, 0], [0, 0]])
+    expected = sigmoid_focal_loss(logits[0], targets, alpha=0.25, gamma=2.0, reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(model.foreground_probs(logits), logits.sigmoid())
+
+    with pytest.raises(ValueError, match="CLS_LOSS_TYPE"):
+        cfg.MODEL.SSD.CLS_LOSS_TYPE = "hinge"
+        build(cfg)
+
+
 def test_nan_input_and_nan_loss_raise_floating_point_error():
     model = build(tiny_cfg()).train()
     batch = make_batch()

@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators
-from .hooks import CascadeStageHook, build_cascade_lr_scheduler
+from .hooks import CascadeStageHook, TrainingProgressHook, build_cascade_lr_scheduler
 
 
 class Trainer(DefaultTrainer):
@@ -50,4 +50,5 @@ class Trainer(DefaultTrainer):
         hooks = super().build_hooks()
         if self.cfg.MODEL.META_ARCHITECTURE == "MCCNN":
             hooks.insert(0, CascadeStageHook())
+        hooks.insert(0, TrainingProgressHook(self.cfg.SOLVER.IMS_PER_BATCH))
         return hooks

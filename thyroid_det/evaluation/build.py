@@ -1,5 +1,7 @@
 """The evaluators that training and tools/evaluate.py run: COCO box AP plus the nodule metrics."""
 
+import os
+
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
@@ -73,10 +75,16 @@ def register_class_agnostic(dataset_name):
 
 
 class ClassAgnosticOutputs(DatasetEvaluator):
-    """Feeds another evaluator outputs whose detections all have class 0 ("nodule")."""
+    """Feeds another evaluator outputs whose detections all have class 0 ("nodule").
 
-    def __init__(self, evaluator):
+    ``result_key``, when given, renames the wrapped evaluator's single result task (e.g. "bbox"
+    -> "bbox_agnostic"), so that class-aware and class-agnostic AP can sit side by side in one
+    :class:`DatasetEvaluators`.
+    """
+
+    def __init__(self, evaluator, result_key=None):
         self._evaluator = evaluator
+        self._result_key = result_key
 
     def reset(self):
         self._evaluator.reset()
@@ -93,7 +101,10 @@ class ClassAgnosticOutputs(DatasetEvaluator):
         self._evaluator.process(inputs, relabelled)
 
     def evaluate(self):
-        return self._evaluator.evaluate()
+        results = self._evaluator.evaluate()
+        if self._result_key is None or not results:
+            return results
+        return {self._result_key: res for res in results.values()}
 
 
 def flat_metrics(results):
@@ -108,25 +119,31 @@ def build_evaluators(cfg, dataset_name, output_dir, class_agnostic=False, distri
     Args:
         cfg (CfgNode): supplies ``TEST.NODULE_EVAL.*`` and ``TEST.DETECTIONS_PER_IMAGE``.
         dataset_name (str): a registered dataset.
-        output_dir (str): where both evaluators write their files.
-        class_agnostic (bool): score the detection of "a nodule" whatever its class: COCO AP over
-            one merged category, benign/malignant metrics skipped.
+        output_dir (str): where the evaluators write their files.
+        class_agnostic (bool): score only the detection of "a nodule" whatever its class: COCO
+            AP over one merged category, benign/malignant metrics skipped.
         distributed (bool): gather results from all processes.
 
     Returns:
-        DatasetEvaluators: results under "bbox" (COCO) and "nodule".
+        DatasetEvaluators: results under "bbox" (COCO), "nodule" and, unless ``class_agnostic``
+        (where "bbox" already is that), "bbox_agnostic": COCO AP with both classes merged into
+        one, the measure of finding nodules that the published single-class detectors report.
     """
-    coco_name = register_class_agnostic(dataset_name) if class_agnostic else dataset_name
-    coco = PerClassAP50COCOEvaluator(
-        coco_name,
-        tasks=("bbox",),
-        distributed=distributed,
-        output_dir=output_dir,
-        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        use_fast_impl=has_compiled_ops(),
+
+    def coco(name, subdir=""):
+        return PerClassAP50COCOEvaluator(
+            name,
+            tasks=("bbox",),
+            distributed=distributed,
+            output_dir=os.path.join(output_dir, subdir) if output_dir else output_dir,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            use_fast_impl=has_compiled_ops(),
+        )
+
+    agnostic = ClassAgnosticOutputs(
+        coco(register_class_agnostic(dataset_name), "" if class_agnostic else "class_agnostic"),
+        result_key=None if class_agnostic else "bbox_agnostic",
     )
-    if class_agnostic:
-        coco = ClassAgnosticOutputs(coco)
     nodule = NoduleEvaluator(
         dataset_name,
         cfg=cfg,
@@ -135,4 +152,6 @@ def build_evaluators(cfg, dataset_name, output_dir, class_agnostic=False, distri
         class_agnostic=class_agnostic,
         seed=max(cfg.SEED, 0),
     )
-    return DatasetEvaluators([coco, nodule])
+    if class_agnostic:
+        return DatasetEvaluators([agnostic, nodule])
+    return DatasetEvaluators([coco(dataset_name), agnostic, nodule])

@@ -1,6 +1,7 @@
 """Ec: the multi-scale SSD detector with nodule-prior anchors (paper section II)."""
 
 import logging
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -17,7 +18,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import smooth_l1_loss
+from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -42,13 +43,25 @@ class SSDHead(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, input_shape: List[ShapeSpec], num_classes: int, num_anchors: List[int]):
+    def __init__(
+        self,
+        *,
+        input_shape: List[ShapeSpec],
+        num_classes: int,
+        num_anchors: List[int],
+        background_logit: bool = True,
+        prior_prob: float = 0.0,
+    ):
         """
         Args:
             input_shape: shape of each input level.
-            num_classes: foreground classes; the head predicts ``num_classes + 1`` logits per
-                anchor, background last.
+            num_classes: foreground classes.
             num_anchors: anchors per cell on each level.
+            background_logit: predict ``num_classes + 1`` logits per anchor, background last
+                (softmax); otherwise ``num_classes`` (one sigmoid per class).
+            prior_prob: if > 0, class biases start at ``-log((1 - p) / p)`` so that every anchor
+                starts as foreground with probability ``p`` (RetinaNet's initialisation, which
+                keeps the loss of thousands of easy negatives from swamping the first steps).
         """
         super().__init__()
         if len(input_shape) != len(num_anchors):
@@ -56,8 +69,9 @@ class SSDHead(nn.Module):
                 f"SSDHead: {len(input_shape)} input levels but anchors for {len(num_anchors)}"
             )
         self.num_classes = num_classes
+        num_logits = num_classes + 1 if background_logit else num_classes
         self.cls_score = nn.ModuleList(
-            nn.Conv2d(s.channels, a * (num_classes + 1), kernel_size=3, padding=1)
+            nn.Conv2d(s.channels, a * num_logits, kernel_size=3, padding=1)
             for s, a in zip(input_shape, num_anchors)
         )
         self.bbox_pred = nn.ModuleList(
@@ -67,6 +81,9 @@ class SSDHead(nn.Module):
         for layer in [*self.cls_score, *self.bbox_pred]:
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
+        if prior_prob > 0:
+            for layer in self.cls_score:
+                nn.init.constant_(layer.bias, -math.log((1 - prior_prob) / prior_prob))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec], num_anchors: List[int]):
@@ -74,6 +91,8 @@ class SSDHead(nn.Module):
             "input_shape": input_shape,
             "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
             "num_anchors": num_anchors,
+            "background_logit": cfg.MODEL.SSD.CLS_LOSS_TYPE == "softmax_mined",
+            "prior_prob": cfg.MODEL.SSD.PRIOR_PROB if cfg.MODEL.SSD.CLS_LOSS_TYPE != "softmax_mined" else 0.0,
         }
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
@@ -114,7 +133,10 @@ class MultiScaleSSD(nn.Module):
         box2box_transform: Box2BoxTransform,
         anchor_matcher: Matcher,
         num_classes: int,
+        cls_loss_type: str = "softmax_mined",
         neg_pos_ratio: float = 3.0,
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
         smooth_l1_beta: float = 1.0,
         test_score_thresh: float = 0.01,
         test_topk_candidates: int = 400,
@@ -136,7 +158,11 @@ class MultiScaleSSD(nn.Module):
             box2box_transform: box coding; SSD uses weights (10, 10, 5, 5).
             anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored).
             num_classes: foreground classes (2: benign, malignant).
-            neg_pos_ratio: hard negatives kept per positive anchor, per image.
+            cls_loss_type: "softmax_mined": SSD's softmax cross-entropy over positives and hard
+                negatives; "sigmoid_focal": RetinaNet's sigmoid focal loss over every anchor
+                that is not ignored (the head then has no background logit).
+            neg_pos_ratio: hard negatives kept per positive anchor, per image ("softmax_mined").
+            focal_loss_alpha, focal_loss_gamma: the focal loss's parameters ("sigmoid_focal").
             smooth_l1_beta: transition point of the smooth-L1 box loss.
             test_score_thresh: minimum foreground probability of a kept detection.
             test_topk_candidates: candidates (over all levels) kept before NMS.
@@ -156,7 +182,15 @@ class MultiScaleSSD(nn.Module):
         self.box2box_transform = box2box_transform
         self.anchor_matcher = anchor_matcher
         self.num_classes = num_classes
+        if cls_loss_type not in ("softmax_mined", "sigmoid_focal"):
+            raise ValueError(
+                f"MODEL.SSD.CLS_LOSS_TYPE {cls_loss_type!r}: expected 'softmax_mined' or "
+                "'sigmoid_focal'"
+            )
+        self.cls_loss_type = cls_loss_type
         self.neg_pos_ratio = neg_pos_ratio
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
         self.smooth_l1_beta = smooth_l1_beta
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
@@ -194,7 +228,10 @@ class MultiScaleSSD(nn.Module):
                 allow_low_quality_matches=True,
             ),
             "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
+            "cls_loss_type": cfg.MODEL.SSD.CLS_LOSS_TYPE,
             "neg_pos_ratio": cfg.MODEL.SSD.NEG_POS_RATIO,
+            "focal_loss_alpha": cfg.MODEL.SSD.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": cfg.MODEL.SSD.FOCAL_LOSS_GAMMA,
             "smooth_l1_beta": cfg.MODEL.SSD.SMOOTH_L1_BETA,
             "test_score_thresh": cfg.MODEL.SSD.SCORE_THRESH_TEST,
             "test_topk_candidates": cfg.MODEL.SSD.TOPK_CANDIDATES_TEST,
@@ -266,7 +303,8 @@ class MultiScaleSSD(nn.Module):
         features = self.backbone(images.tensor)
         level_features = [features[f] for f in self.head_in_features]
         logits, deltas = self.head(level_features)
-        pred_logits = [permute_to_N_HWA_K(x, self.num_classes + 1) for x in logits]
+        num_logits = self.num_classes + (self.cls_loss_type == "softmax_mined")
+        pred_logits = [permute_to_N_HWA_K(x, num_logits) for x in logits]
         pred_deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]
         if isinstance(self.anchor_generator, NodulePriorAnchorGenerator):
             anchors = self.anchor_generator(level_features, tuple(images.tensor.shape[-2:]))
@@ -358,11 +396,23 @@ class MultiScaleSSD(nn.Module):
             deltas[pos_image, pos_anchor], target_deltas, self.smooth_l1_beta, reduction="sum"
         )
 
-        ce = F.cross_entropy(
-            logits.flatten(0, 1), gt_labels.clamp(min=0).flatten(), reduction="none"
-        ).view_as(gt_labels)
-        selected = positives | self.hard_negatives(ce.detach(), negatives, num_pos)
-        loss_cls = ce[selected].sum()
+        if self.cls_loss_type == "sigmoid_focal":
+            valid = gt_labels >= 0
+            # one-hot over num_classes + 1, background column dropped
+            targets = F.one_hot(gt_labels[valid], self.num_classes + 1)[:, :-1].to(logits.dtype)
+            loss_cls = sigmoid_focal_loss_jit(
+                logits[valid],
+                targets,
+                alpha=self.focal_loss_alpha,
+                gamma=self.focal_loss_gamma,
+                reduction="sum",
+            )
+        else:
+            ce = F.cross_entropy(
+                logits.flatten(0, 1), gt_labels.clamp(min=0).flatten(), reduction="none"
+            ).view_as(gt_labels)
+            selected = positives | self.hard_negatives(ce.detach(), negatives, num_pos)
+            loss_cls = ce[selected].sum()
 
         losses = {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
         if not all(bool(torch.isfinite(v)) for v in losses.values()):
@@ -397,12 +447,19 @@ class MultiScaleSSD(nn.Module):
             probabilities renormalised to sum to 1: p(class | nodule)).
         """
         anchors = Boxes.cat(anchors).tensor
-        fg_probs = cat(pred_logits, dim=1).softmax(dim=-1)[..., : self.num_classes]
+        fg_probs = self.foreground_probs(cat(pred_logits, dim=1))
         deltas = cat(pred_deltas, dim=1)
         return [
             self._inference_single_image(anchors, fg_probs[i], deltas[i], tuple(image_size))
             for i, image_size in enumerate(image_sizes)
         ]
+
+    def foreground_probs(self, logits: Tensor) -> Tensor:
+        """(..., K) logits -> (..., num_classes) foreground class probabilities: the softmax's
+        class columns, or one sigmoid per class under the focal loss."""
+        if self.cls_loss_type == "sigmoid_focal":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)[..., : self.num_classes]
 
     def _inference_single_image(
         self, anchors: Tensor, fg_probs: Tensor, deltas: Tensor, image_size: Tuple[int, int]
