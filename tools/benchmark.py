@@ -69,6 +69,7 @@ import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det import add_mccnn_config
 from thyroid_det.data.datasets.phantoms import render_phantom
 from thyroid_det.data.mapper import SSDDatasetMapper
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.benchmark")
@@ -881,6 +882,7 @@ def environment(args):
     return env
 
 
+@cli_errors("benchmark.py")
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="thyroid_det.benchmark")

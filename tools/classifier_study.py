@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tqdm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from sklearn.base import clone
@@ -51,10 +50,11 @@ from tabulate import tabulate
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import kfold_assign
 from thyroid_det.data.mapper import SSDDatasetMapper
-from thyroid_det.engine import setup_cfg_for_weights
+from thyroid_det.engine import load_inference_weights, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import binary_metrics
 from thyroid_det.evaluation.plots import plot_roc_curves
 from thyroid_det.modeling.roi_heads.refiner import crop_and_resize
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.classifier_study")
@@ -205,6 +205,7 @@ def build_parser():
     return parser
 
 
+@cli_errors("classifier_study.py")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = setup_cfg_for_weights(args, "classifier_study.py")
@@ -214,7 +215,7 @@ def main(argv=None):
             f"classifier_study.py: error: {cfg.MODEL.META_ARCHITECTURE} has no refiner; "
             "use an MCCNN config"
         )
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_inference_weights(model, cfg.MODEL.WEIGHTS)
     model.eval()
 
     train_records, test_records = split_records(args.dataset, args.test_dataset, args.seed)

@@ -28,6 +28,8 @@ from detectron2.utils.logger import setup_logger
 
 from thyroid_det.data.datasets import CLASS_NAMES, load_tn5000, records_to_coco
 from thyroid_det.data.datasets.tn5000 import SPLITS
+from thyroid_det.data.image_io import UnreadableImage, read_grayscale
+from thyroid_det.utils.cli import check_output_dir, cli_errors
 from thyroid_det.utils.file_io import atomic_path, atomic_write_json
 
 logger = logging.getLogger("thyroid_det.convert_tn5000_to_coco")
@@ -38,9 +40,10 @@ FORMATS = {"webp": cv2.IMWRITE_WEBP_QUALITY, "jpg": cv2.IMWRITE_JPEG_QUALITY, "p
 def reencode(record, image_dir, max_side, fmt, quality):
     """Write ``record``'s image to ``image_dir`` as grayscale ``fmt`` with a long side of at most
     ``max_side``; return the record with file name, size and boxes of the new image."""
-    image = cv2.imread(record["file_name"], cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ValueError(f"{record['file_name']}: not a readable image")
+    try:
+        image = read_grayscale(record["file_name"])
+    except UnreadableImage as e:  # a truncated JPEG must not become a clean-looking PNG
+        raise UnreadableImage(f"{record['file_name']}: {e}") from None
     height, width = image.shape
     scale = min(1.0, max_side / max(height, width)) if max_side else 1.0
     if scale < 1.0:
@@ -92,6 +95,7 @@ def convert(dirname, split, output_dir, image_dir=None, max_side=0, fmt="webp", 
     return path, len(records)
 
 
+@cli_errors("convert_tn5000_to_coco.py")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -117,6 +121,8 @@ def main(argv=None):
     setup_logger(name="thyroid_det")
 
     dirname = os.path.join(os.path.expanduser(args.root), "TN5000")
+    if args.image_dir:  # re-encoded as .jpg into JPEGImages/ they would replace the originals
+        check_output_dir(args.image_dir, [os.path.join(dirname, "JPEGImages")], "--image-dir")
     entries = []
     for split in args.splits:
         path, _ = convert(

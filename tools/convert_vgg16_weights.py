@@ -36,6 +36,7 @@ import sys
 import numpy as np
 import torch
 
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_path
 
 # torchvision ImageNet normalisation (RGB, images in [0, 1]).
@@ -125,6 +126,7 @@ def write_checkpoint(model, path):
         pickle.dump({"model": model, "__author__": "thyroid_det convert_vgg16_weights"}, f)
 
 
+@cli_errors("convert_vgg16_weights.py")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="torchvision vgg16 state dict (.pth)")

@@ -27,13 +27,13 @@ import os
 
 import detectron2.utils.comm as comm
 import numpy as np
-from detectron2.engine import launch
 from tabulate import tabulate
 
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_kfold_datasets
-from thyroid_det.engine import Trainer, setup_cfg
+from thyroid_det.engine import Trainer, launch, setup_cfg
 from thyroid_det.evaluation import flat_metrics
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_write_json
 
 SUMMARY_KEYS = (
@@ -165,6 +165,7 @@ def main(args):
     return summary
 
 
+@cli_errors("cross_validate.py")
 def cli(argv=None):
     args = build_parser().parse_args(argv)
     args.eval_only = False

@@ -31,16 +31,16 @@ import logging
 import math
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from tabulate import tabulate
 
 import thyroid_det  # noqa: F401  (registers the plugin)
-from thyroid_det.engine import Trainer, setup_cfg_for_weights
+from thyroid_det.data.datasets import register_coco
+from thyroid_det.engine import Trainer, load_inference_weights, setup_cfg_for_weights
 from thyroid_det.evaluation import ModelTimer, build_evaluators, flat_metrics
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.evaluate")
@@ -106,7 +106,7 @@ def register_coco_json(json_file, image_root):
     stem = os.path.splitext(os.path.basename(json_file))[0]
     name = f"evaluate_{stem}_{digest}"
     if name not in DatasetCatalog.list():
-        register_coco_instances(name, {}, json_file, image_root)
+        register_coco(name, json_file, image_root)
     return name
 
 
@@ -120,7 +120,7 @@ def check_dataset(name):
     try:
         records = DatasetCatalog.get(name)
     except Exception as e:  # a malformed file: name it and the cause, not a deep traceback
-        source = MetadataCatalog.get(name).get("json_file", name)
+        source = MetadataCatalog.get(name).get("coco_json", name)
         fail(f"cannot load dataset {source!r}: {type(e).__name__}: {e}")
     if not records:
         fail(f"dataset {name!r} has no images")
@@ -148,9 +148,11 @@ def format_summary(metrics):
     return tabulate(rows, headers=["metric", "value"], tablefmt="pipe")
 
 
+@cli_errors("evaluate.py")
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = setup_cfg_for_weights(args, "evaluate.py")
+    inputs = [args.coco_json, args.image_root] if args.coco_json else []
+    cfg = setup_cfg_for_weights(args, "evaluate.py", inputs)
 
     name = args.dataset or register_coco_json(args.coco_json, args.image_root)
     records = check_dataset(name)
@@ -166,7 +168,7 @@ def main(argv=None):
         )
 
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_inference_weights(model, cfg.MODEL.WEIGHTS)
     timed = ModelTimer(model)
     evaluator = build_evaluators(cfg, name, args.output, class_agnostic=class_agnostic)
     results = inference_on_dataset(timed, Trainer.build_test_loader(cfg, name), evaluator)

@@ -44,6 +44,7 @@ from thyroid_det.modeling.anchor_generator import (
     NodulePriorAnchorGenerator,
     per_level_params,
 )
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_write_text
 
 logger = logging.getLogger("fit_priors")
@@ -225,6 +226,7 @@ def write_fragment(path, dataset, num_boxes, input_hw, sizes, ratios):
     print(f"Wrote {path}")
 
 
+@cli_errors("fit_priors.py")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

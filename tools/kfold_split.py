@@ -25,6 +25,7 @@ from thyroid_det.data.datasets import (
     kfold_assign,
     records_to_coco,
 )
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_write_json
 
 
@@ -44,6 +45,7 @@ def _load(args):
     return records, classes, root
 
 
+@cli_errors("kfold_split.py")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()

@@ -12,8 +12,10 @@ import argparse
 import os
 
 from thyroid_det.data.datasets.phantoms import SYNTHETIC_SETS, generate_phantoms
+from thyroid_det.utils.cli import cli_errors
 
 
+@cli_errors("make_phantoms.py")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to create")

@@ -12,15 +12,19 @@ grayscale or colour (converted with ITU-R 601 luma, as PIL's "L"; an alpha chann
 8- or 16-bit PNG, JPEG, BMP or TIFF. 16-bit images become 8-bit by ``--scale-16bit``:
 "full" (default) maps 0..65535 linearly onto 0..255 (value / 257: exact for 8-bit data stored
 as 16-bit), "minmax" stretches each image's own min..max onto 0..255 (for 10/12-bit exports).
-A file that cannot be read is reported by name and skipped; the rest proceed, and the exit
-status is 2 if any was skipped.
+Images are read by thyroid_det.data.image_io, as training and evaluation read them. A file
+that cannot be used (missing, corrupt, a truncated JPEG, a side under 32 px) is reported by name
+and skipped; the rest proceed, and the exit status is 2 if any was skipped. ``--output`` may not
+be a folder the inputs are in (outputs would replace files there); a new sub-folder is fine.
 
 The model sees what tools/evaluate.py feeds it: thyroid_det.engine.Predictor resizes the image
 to INPUT.FIXED_SIZE as the test mapper does (detectron2's DefaultPredictor accepts only RGB/BGR
 input and resizes by the shorter edge). Outputs, in original-image pixels:
 
 * ``OUTPUT/<name>.png``: the image with each detection at or above ``--min-score``, labelled
-  with its class and that class's probability (red: malignant, green: benign).
+  with its class and that class's probability (red: malignant, green: benign); images with a
+  side over 2048 px are drawn on a copy shrunk to 2048 px (drawing at full size took 7.6 GB for
+  an 8000x8000 image).
 * ``--json-mode per-image`` (default): ``OUTPUT/<name>.json`` per image;
   ``single``: ``OUTPUT/predictions.json`` with all images and the skipped files.
   Each detection: ``bbox`` [x0, y0, x1, y1], ``class``, ``category_id``, ``score`` (the model's
@@ -41,8 +45,10 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import Visualizer
 
 import thyroid_det  # noqa: F401  (registers the plugin)
+from thyroid_det.data.image_io import UnreadableImage, read_grayscale
 from thyroid_det.engine import Predictor, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import malignant_probability
+from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_path, atomic_write_json
 
 logger = logging.getLogger("thyroid_det.predict")
@@ -50,35 +56,7 @@ logger = logging.getLogger("thyroid_det.predict")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_CLASSES = ["benign", "malignant"]
 CLASS_COLOURS = {"benign": (0.1, 0.8, 0.2), "malignant": (0.95, 0.1, 0.1)}
-
-
-class UnreadableImage(Exception):
-    pass
-
-
-def read_grayscale(path, scale_16bit="full"):
-    """Read any supported image as HxW uint8 grayscale; raise UnreadableImage naming the problem."""
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        if not os.path.exists(path):
-            raise UnreadableImage("no such file")
-        raise UnreadableImage("not a readable image (corrupt or unsupported format)")
-    if image.ndim == 3:
-        if image.shape[2] == 1:
-            image = image[:, :, 0]
-        else:
-            code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-            image = cv2.cvtColor(image, code)
-    if image.dtype == np.uint16:
-        if scale_16bit == "minmax":
-            low, high = float(image.min()), float(image.max())
-            image = (image.astype(np.float32) - low) * (255.0 / max(high - low, 1.0))
-        else:
-            image = image.astype(np.float32) / 257.0
-        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise UnreadableImage(f"unsupported pixel type {image.dtype} (8- or 16-bit images only)")
-    return image
+MAX_DRAW_SIDE = 2048
 
 
 def to_model_input(gray, image_format):
@@ -142,8 +120,13 @@ def instances_to_json(instances, classes):
 
 
 def draw(gray, instances, classes, min_score):
-    """The RGB image with the kept detections, labelled "<class> <probability of that class>"."""
+    """The RGB image with the kept detections, labelled "<class> <probability of that class>";
+    shrunk to a long side of MAX_DRAW_SIDE if larger."""
     keep = instances[instances.scores >= min_score]
+    scale = min(1.0, MAX_DRAW_SIDE / max(gray.shape))
+    if scale < 1.0:
+        size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     rgb = convert_image_to_rgb(gray[:, :, None], "L")
     visualizer = Visualizer(rgb, metadata=None, scale=1.0)
     labels, colours = [], []
@@ -157,7 +140,7 @@ def draw(gray, instances, classes, min_score):
         labels.append(f"{name} {p:.2f}")
         colours.append(CLASS_COLOURS.get(name, (0.2, 0.4, 1.0)))
     vis = visualizer.overlay_instances(
-        boxes=keep.pred_boxes.tensor.numpy(), labels=labels, assigned_colors=colours
+        boxes=keep.pred_boxes.tensor.numpy() * scale, labels=labels, assigned_colors=colours
     )
     return vis.get_image()
 
@@ -179,23 +162,18 @@ def build_parser():
     return parser
 
 
+@cli_errors("predict.py")
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = setup_cfg_for_weights(args, "predict.py")
+    paths = collect_inputs(args.input)
+    if not paths:
+        raise SystemExit("predict.py: error: no images found in --input")
+    cfg = setup_cfg_for_weights(args, "predict.py", inputs=list(args.input) + paths)
     classes = DEFAULT_CLASSES
     if len(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", DEFAULT_CLASSES)
     predictor = Predictor(cfg)
-
-    paths = collect_inputs(args.input)
-    if not paths:
-        raise SystemExit("predict.py: error: no images found in --input")
     names = output_names(paths)
-    inputs = {os.path.abspath(p) for p in paths}
-    for name in names:
-        if os.path.abspath(os.path.join(args.output, f"{name}.png")) in inputs:
-            raise SystemExit(f"predict.py: error: {name}.png in --output would overwrite an input")
-    os.makedirs(args.output, exist_ok=True)
     results, skipped = [], []
     for path, name in tqdm.tqdm(list(zip(paths, names)), desc="predict", unit="image"):
         try:

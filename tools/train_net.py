@@ -7,18 +7,19 @@ Examples:
     python tools/train_net.py --config-file configs/mccnn.yaml --eval-only MODEL.WEIGHTS model.pth
 """
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 
 import thyroid_det  # noqa: F401  (registers the plugin)
-from thyroid_det.engine import Trainer, setup_cfg
+from thyroid_det.engine import Checkpointer, Trainer, launch, setup_cfg
+from thyroid_det.engine.defaults import load_cfg
+from thyroid_det.utils.cli import cli_errors
 
 
 def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        Checkpointer(model, cfg.OUTPUT_DIR, require_all_weights=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -32,10 +33,14 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+@cli_errors("train_net.py")
+def run(argv=None):
+    """Check the config before any process starts, then :func:`main` on every process (CPU
+    processes, gloo, where there is no GPU)."""
+    args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
-    launch(
+    load_cfg(args)
+    return launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
@@ -43,3 +48,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    run()

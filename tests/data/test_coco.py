@@ -14,6 +14,8 @@ from pycocotools.coco import COCO
 
 from thyroid_det.config import add_mccnn_config
 from thyroid_det.data.datasets import (
+    DatasetFormatError,
+    load_coco,
     load_tn5000,
     records_to_coco,
     register_coco_datasets,
@@ -35,6 +37,26 @@ def write_coco(tmp_path):
     }
     (tmp_path / "a.json").write_text(json.dumps(coco))
     return str(tmp_path / "a.json"), str(images)
+
+
+def test_load_coco_checks_boxes_and_sizes(tmp_path, caplog):
+    json_file, images = write_coco(tmp_path)
+    coco = json.loads(open(json_file).read())
+    coco["images"][0].update(width=20, height=15)  # the image is 40x30
+    coco["annotations"].append(dict(coco["annotations"][0], id=2, bbox=[5, 5, -3, 4]))
+    open(json_file, "w").write(json.dumps(coco))
+    (record,) = load_coco(json_file, images)
+    assert (record["width"], record["height"]) == (40, 30) and len(record["annotations"]) == 1
+    assert "a.png is 40x30, not 20x15 as the JSON says" in caplog.text
+    assert "dropped 1 boxes" in caplog.text
+    coco["annotations"][0]["bbox"] = [30, 20, 30, 20]  # fits the JSON's size only if it were larger
+    coco["images"][0].update(width=80, height=60)
+    open(json_file, "w").write(json.dumps(coco))
+    with pytest.raises(DatasetFormatError, match=r"a.json: .*a.png is 40x30, not 80x60.*does not"):
+        load_coco(json_file, images)
+    open(json_file, "w").write('{"images": [{"id": 1}]')
+    with pytest.raises(DatasetFormatError, match="a.json: not a usable COCO instances file"):
+        load_coco(json_file, images)
 
 
 def cfg_from_command_line(opts):

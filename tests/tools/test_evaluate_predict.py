@@ -6,6 +6,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 
 CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
@@ -161,15 +162,80 @@ def test_predict_reads_every_kind_and_skips_a_corrupt_file(tmp_path, weights, to
     assert not result["skipped"]
     assert set(os.listdir(out)) >= {"colour.json", "colour.png", "gray8.json", "gray8.png"}
     assert json.loads((out / "gray8.json").read_text())["height"] == 96
-    with pytest.raises(SystemExit, match="gray8.png in --output would overwrite an input"):
+    with pytest.raises(SystemExit, match="--output .* holds the input .*gray8.png"):
         predict.main(predict_argv(weights, tiny_opts, inputs / "gray8.png", inputs))
 
 
-def test_sixteen_bit_scaling(tool, tmp_path):
+def test_predict_refuses_weights_that_leave_the_model_random(tmp_path, tool, tiny_opts):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "scan.png"), nodule_image(np.random.default_rng(0))[0])
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not weights")
+    for bad, message in ((empty, "empty.pth lacks"), (notes, "notes.pth is not a readable")):
+        for name, argv in (
+            ("predict", predict_argv(str(bad), tiny_opts, inputs, tmp_path / "out")),
+            ("evaluate", evaluate_argv(str(bad), tiny_opts, write_coco(tmp_path), tmp_path / "e")),
+        ):
+            with pytest.raises(SystemExit, match=f"^{name}.py: error: .*{message}") as info:
+                tool(name).main(argv)
+            assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    assert not (tmp_path / "out" / "scan.png").exists()
+
+
+def test_predict_never_overwrites_an_input(tmp_path, weights, tool, tiny_opts):
     predict = tool("predict")
-    path = str(tmp_path / "twelve_bit.png")
-    cv2.imwrite(path, np.array([[0, 1000, 4095]], dtype=np.uint16))
-    assert predict.read_grayscale(path, "full").tolist() == [[0, 4, 16]]
-    assert predict.read_grayscale(path, "minmax").tolist() == [[0, 62, 255]]
-    with pytest.raises(predict.UnreadableImage, match="no such file"):
-        predict.read_grayscale(str(tmp_path / "absent.png"))
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "scan1.png"), nodule_image(np.random.default_rng(0))[0])
+    (folder / "scan1.json").write_text('{"mine": true}')
+    for output in (folder, f"{folder}/"):
+        with pytest.raises(SystemExit, match="--output .* holds the input"):
+            predict.main(predict_argv(weights, tiny_opts, folder, output))
+    listing = tmp_path / "list.txt"
+    listing.write_text("scans/scan1.png\n")
+    with pytest.raises(SystemExit, match="--output .* holds the input"):
+        predict.main(predict_argv(weights, tiny_opts, listing, folder))
+    assert json.loads((folder / "scan1.json").read_text()) == {"mine": True}
+    predict.main(predict_argv(weights, tiny_opts, folder, folder / "predictions"))
+    assert (folder / "predictions" / "scan1.json").exists()
+
+
+def test_predict_skips_truncated_and_tiny_images(tmp_path, weights, tool, tiny_opts):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "good.jpg"), nodule_image(np.random.default_rng(0))[0])
+    data = (inputs / "good.jpg").read_bytes()
+    (inputs / "cut.jpg").write_bytes(data[: len(data) // 2])
+    cv2.imwrite(str(inputs / "dot.png"), np.zeros((1, 1), np.uint8))
+    result = tool("predict").main(predict_argv(weights, tiny_opts, inputs, tmp_path / "out"))
+    skipped = {os.path.basename(s["file_name"]): s["error"] for s in result["skipped"]}
+    assert set(skipped) == {"cut.jpg", "dot.png"}
+    assert "truncated JPEG" in skipped["cut.jpg"] and "too small" in skipped["dot.png"]
+
+
+def test_output_that_is_a_file(tmp_path, weights, tool, tiny_opts):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    json_file = write_coco(tmp_path)
+    with pytest.raises(SystemExit, match="^evaluate.py: error: --output .*taken is a file"):
+        tool("evaluate").main(evaluate_argv(weights, tiny_opts, json_file, a_file))
+    with pytest.raises(SystemExit, match="^predict.py: error: --output .*taken is a file"):
+        tool("predict").main(predict_argv(weights, tiny_opts, tmp_path / "img0.png", a_file))
+
+
+def test_evaluate_uses_the_real_size_and_drops_empty_boxes(
+    tmp_path, weights, tool, tiny_opts, caplog
+):
+    json_file = write_coco(tmp_path)
+    coco = json.loads(open(json_file).read())
+    coco["images"][0].update(width=677, height=432)  # as some TN5000 XMLs do
+    coco["annotations"].append(dict(coco["annotations"][1], id=99, bbox=[10, 10, 0, 5], area=0))
+    open(json_file, "w").write(json.dumps(coco))
+    out = tmp_path / "eval"
+    tool("evaluate").main(evaluate_argv(weights, tiny_opts, json_file, out))
+    assert "img0.png is 128x96, not 677x432" in caplog.text
+    assert "dropped 1 boxes with zero or negative width or height" in caplog.text
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 4

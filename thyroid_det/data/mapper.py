@@ -6,6 +6,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
+from .image_io import UnreadableImage, read_image
 from .transforms import build_ssd_augmentation
 
 __all__ = ["SSDDatasetMapper"]
@@ -34,7 +35,8 @@ class SSDDatasetMapper:
             is_train (bool): whether the mapper feeds training; training dicts always get
                 "instances" (empty for an image without annotations).
             augmentations (list[Augmentation or Transform]): applied in order to image and boxes.
-            image_format (str): format for ``read_image``: "L", "BGR" or "RGB".
+            image_format (str): format for :func:`~thyroid_det.data.image_io.read_image`: "L",
+                "BGR" or "RGB".
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -50,9 +52,9 @@ class SSDDatasetMapper:
 
     def _read_image(self, file_name):
         try:
-            return utils.read_image(file_name, format=self.image_format)
-        except (OSError, ValueError) as e:
-            raise OSError(f"Cannot read image {file_name!r}: {e}") from None
+            return read_image(file_name, format=self.image_format)
+        except UnreadableImage as e:
+            raise UnreadableImage(f"Cannot read image {file_name!r}: {e}") from None
 
     def __call__(self, dataset_dict):
         """

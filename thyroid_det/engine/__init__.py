@@ -1,6 +1,18 @@
+from .checkpoint import CheckpointError, Checkpointer, load_inference_weights
 from .defaults import setup_cfg, setup_cfg_for_weights
 from .hooks import CascadeStageHook
+from .launch import launch
 from .predictor import Predictor
 from .trainer import Trainer
 
-__all__ = ["setup_cfg", "setup_cfg_for_weights", "CascadeStageHook", "Predictor", "Trainer"]
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "load_inference_weights",
+    "setup_cfg",
+    "setup_cfg_for_weights",
+    "CascadeStageHook",
+    "launch",
+    "Predictor",
+    "Trainer",
+]

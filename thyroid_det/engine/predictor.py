@@ -1,13 +1,14 @@
 """detectron2's DefaultPredictor, for grayscale thyroid_det configs."""
+import cv2
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from PIL import Image
 
 from ..data.transforms import build_ssd_augmentation
+from ..modeling.temperature import attach_malignancy_temperature, resolve_malignancy_temperature
+from .checkpoint import load_inference_weights
 
 __all__ = ["Predictor"]
 
@@ -20,12 +21,14 @@ class Predictor:
     edge. This class keeps its interface and attributes (``cfg``, ``model``, ``metadata``,
     ``aug``, ``input_format``; weights from ``MODEL.WEIGHTS``; outputs in the coordinates of the
     given image) but resizes with the project's test transform (to ``INPUT.FIXED_SIZE``, as
-    SSDDatasetMapper does for evaluation), so a prediction is what evaluation sees.
+    SSDDatasetMapper does for evaluation), so a prediction is what evaluation sees, and refuses
+    a ``MODEL.WEIGHTS`` checkpoint that leaves model weights uninitialised.
 
     Accepted images (uint8 unless noted):
 
     * ``INPUT.FORMAT`` "L": HxW or HxWx1 grayscale (any dtype the resize takes), or HxWx3 BGR,
-      converted as ``read_image(..., format="L")`` converts colour files (PIL's ITU-R 601-2 luma).
+      converted as :func:`thyroid_det.data.image_io.read_image` converts colour files (ITU-R
+      601 luma).
     * "BGR" / "RGB": HxWx3 BGR, as DefaultPredictor takes.
     """
 
@@ -35,7 +38,11 @@ class Predictor:
         self.model.eval()
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        if cfg.MODEL.WEIGHTS:  # empty: random weights, as DefaultPredictor (for tests)
+            load_inference_weights(self.model, cfg.MODEL.WEIGHTS)
+        # Temperature-scaled malignant probability (MODEL.MALIGNANCY_TEMPERATURE or checkpoint).
+        self.malignancy_temperature = resolve_malignancy_temperature(cfg)
+        attach_malignancy_temperature(self.model, self.malignancy_temperature)
         self.aug = T.AugmentationList(build_ssd_augmentation(cfg, is_train=False))
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("L", "BGR", "RGB"):
@@ -50,8 +57,7 @@ class Predictor:
             if image.ndim == 3 and image.shape[2] == 1:
                 return image
             if colour and image.dtype == np.uint8:
-                gray = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1])).convert("L")
-                return np.asarray(gray)[:, :, None]
+                return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
             expected = "HxW or HxWx1 grayscale, or HxWx3 uint8 BGR"
         else:
             if colour:

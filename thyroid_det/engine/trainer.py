@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators
+from .checkpoint import Checkpointer
 from .hooks import CascadeStageHook, TrainingProgressHook, build_cascade_lr_scheduler
 
 
@@ -47,6 +48,10 @@ class Trainer(DefaultTrainer):
         return build_cascade_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
+        # Before the hooks take it: atomic saves, and a resume that survives a corrupt checkpoint.
+        self.checkpointer = Checkpointer(
+            self.checkpointer.model, self.checkpointer.save_dir, **self.checkpointer.checkpointables
+        )
         hooks = super().build_hooks()
         if self.cfg.MODEL.META_ARCHITECTURE == "MCCNN":
             hooks.insert(0, CascadeStageHook())

@@ -1,6 +1,6 @@
 """Data sets: TN5000 (VOC), any COCO JSON, synthetic phantoms, and k-fold splits."""
 from . import builtin  # noqa: F401  (registers tn5000_* and synthetic_*)
-from .coco import records_to_coco, register_coco_datasets
+from .coco import load_coco, records_to_coco, register_coco, register_coco_datasets
 from .kfold import kfold_assign, kfold_splits, register_kfold_datasets
 from .phantoms import (
     generate_phantoms,
@@ -16,9 +16,11 @@ __all__ = [
     "generate_phantoms",
     "kfold_assign",
     "kfold_splits",
+    "load_coco",
     "load_phantoms",
     "load_tn5000",
     "records_to_coco",
+    "register_coco",
     "register_coco_datasets",
     "register_kfold_datasets",
     "register_phantoms",

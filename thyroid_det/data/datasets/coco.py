@@ -1,11 +1,84 @@
-"""COCO-format data sets: registration from the config, and writing dataset dicts as COCO JSON."""
+"""COCO-format data sets: checked loading and registration, and writing dataset dicts as COCO."""
+import logging
 import os
 
-from detectron2.data import DatasetCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 
-__all__ = ["register_coco_datasets", "records_to_coco"]
+from ..image_io import image_size
+from .tn5000 import BOX_TOLERANCE, DatasetFormatError
+
+__all__ = ["load_coco", "register_coco", "register_coco_datasets", "records_to_coco"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_coco(json_file, image_root, dataset_name=None):
+    """
+    detectron2's ``load_coco_json`` with the TN5000 loader's rules, for every COCO route:
+
+    * a file that is not COCO instances JSON raises DatasetFormatError naming it;
+    * boxes with zero or negative width or height (never matchable: they only lower recall)
+      are dropped, with one logged count;
+    * an image whose real size differs from its ``width``/``height`` gets one warning naming the
+      file, and the real size is used; if a box then lies outside the real image, the JSON does
+      not describe that image: DatasetFormatError.
+
+    Images that are missing are left to the reader (and tools/evaluate.py's check).
+    """
+    try:
+        records = load_coco_json(json_file, image_root, dataset_name)
+    except Exception as e:  # json, pycocotools and detectron2 raise many types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DatasetFormatError(
+            f"{json_file}: not a usable COCO instances file ({type(e).__name__}: {reason})"
+        ) from None
+    dropped = []
+    for record in records:
+        kept = []
+        for ann in record.get("annotations", []):
+            x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+            (kept if x1 > x0 and y1 > y0 else dropped).append(ann)
+        record["annotations"] = kept
+        _use_real_size(record, json_file)
+    if dropped:
+        logger.warning(
+            f"{json_file}: dropped {len(dropped)} boxes with zero or negative width or height "
+            f"(first: {list(dropped[0]['bbox'])})"
+        )
+    return records
+
+
+def _use_real_size(record, json_file):
+    if not os.path.isfile(record["file_name"]):
+        return
+    width, height = image_size(record["file_name"])
+    if (width, height) == (record["width"], record["height"]):
+        return
+    for ann in record["annotations"]:
+        x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+        tol = BOX_TOLERANCE
+        if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
+            raise DatasetFormatError(
+                f"{json_file}: {record['file_name']} is {width}x{height}, not "
+                f"{record['width']}x{record['height']} as the JSON says, and box "
+                f"{list(ann['bbox'])} does not fit the image"
+            )
+    logger.warning(
+        f"{json_file}: {record['file_name']} is {width}x{height}, not "
+        f"{record['width']}x{record['height']} as the JSON says; all boxes fit, using its size"
+    )
+    record["width"], record["height"] = width, height
+
+
+def register_coco(name, json_file, image_root):
+    """Register a COCO file loaded by :func:`load_coco`. ``json_file`` is not set in the
+    metadata, so COCOEvaluator scores against the checked records rather than the raw file."""
+    DatasetCatalog.register(name, lambda: load_coco(json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        coco_json=json_file, image_root=image_root, evaluator_type="coco"
+    )
 
 
 def register_coco_datasets(cfg):
@@ -18,8 +91,9 @@ def register_coco_datasets(cfg):
         train_net.py ... DATASETS.COCO_REGISTER "[['mytrain','a.json','imgs']]" \\
             DATASETS.TRAIN "('mytrain',)"
 
-    Uses detectron2's ``register_coco_instances``: its dicts keep ``bbox_mode=XYWH_ABS`` and map
-    the sorted COCO category ids to contiguous ids (ids 1, 2 named benign, malignant give 0, 1).
+    Loads with :func:`load_coco` (detectron2's ``load_coco_json``, checked): its dicts keep
+    ``bbox_mode=XYWH_ABS`` and map the sorted COCO category ids to contiguous ids (ids 1, 2 named
+    benign, malignant give 0, 1).
     Names already registered are left alone, so calling it twice is harmless.
 
     Returns:
@@ -42,7 +116,7 @@ def register_coco_datasets(cfg):
             raise FileNotFoundError(
                 f"DATASETS.COCO_REGISTER[{i}] ({name!r}): image folder {image_root!r} not found."
             )
-        register_coco_instances(name, {}, json_file, image_root)
+        register_coco(name, json_file, image_root)
         registered.append(name)
     return registered
 

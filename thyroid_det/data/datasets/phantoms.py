@@ -22,12 +22,11 @@ import shutil
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from tqdm import tqdm
 
 from ...utils.file_io import atomic_write_json
-from .coco import records_to_coco
+from .coco import load_coco, records_to_coco
 from .tn5000 import CLASS_NAMES
 
 __all__ = [
@@ -371,7 +370,7 @@ def load_phantoms(name, num_images, seed=0, image_size=(256, 256), root=None):
     """
     output_dir = os.path.join(root if root is not None else synthetic_root(), name)
     json_file = ensure_phantoms(output_dir, num_images, seed, image_size)
-    records = load_coco_json(json_file, os.path.join(output_dir, "images"), name)
+    records = load_coco(json_file, os.path.join(output_dir, "images"), name)
     for record in records:
         for ann in record["annotations"]:
             ann["bbox"] = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)

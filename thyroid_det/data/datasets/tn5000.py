@@ -20,10 +20,10 @@ from collections import defaultdict
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
-from PIL import Image
 from tqdm import tqdm
 
 from ...utils.file_io import atomic_write_json
+from ..image_io import image_size
 
 __all__ = [
     "CLASS_NAMES",
@@ -45,7 +45,6 @@ SPLIT_PRIORITY = ("test", "val", "train", "trainval")
 # Boxes may overshoot the image by this many pixels (annotation tools round outwards); they are
 # clipped. Anything further out is an annotation error.
 BOX_TOLERANCE = 2.0
-_EXIF_ORIENTATION = 0x0112
 _MAX_LISTED_PROBLEMS = 20
 
 
@@ -215,10 +214,7 @@ def _image_facts(dirname, image_ids, cache_dir, problems):
         try:
             with open(path, "rb") as f:
                 sha1 = hashlib.sha1(f.read()).hexdigest()
-            with Image.open(path) as im:
-                width, height = im.size
-                if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                    width, height = height, width
+            width, height = image_size(path)
         except Exception as e:  # PIL raises several types for broken files
             problems.append((f"JPEGImages/{image_id}.jpg", f"cannot read image ({e})"))
             continue

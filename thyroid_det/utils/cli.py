@@ -1,0 +1,83 @@
+"""One error wrapper for every command-line tool: errors that bad input causes become one line.
+
+A wrong path, an unknown config key, a broken data set or checkpoint, an unreadable image: the
+message already names the file and the problem, and a traceback through detectron2 only hides it.
+Programming errors (anything else) keep their traceback. ``THYROID_DET_TRACEBACK=1`` keeps it
+for every error.
+"""
+import functools
+import os
+
+__all__ = ["check_output_dir", "cli_errors"]
+
+
+def _user_errors():
+    # Imported when a tool runs: this module is imported by tools before the plugin registers.
+    from ..data.datasets.tn5000 import DatasetFormatError
+    from ..engine.checkpoint import CheckpointError
+    from ..engine.defaults import ConfigError
+
+    return (ConfigError, DatasetFormatError, CheckpointError, OSError)
+
+
+def one_line(error):
+    """The message of ``error`` on one line. An error re-raised from a DataLoader worker carries
+    the worker's traceback in its message: its last line is the original message."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1].split(": ", 1)[-1] if "Original Traceback" in str(error) else lines[0]
+
+
+def cli_errors(tool):
+    """Decorate a tool's ``main``: a user-input error ends it with ``<tool>: error: <message>``
+    on stderr and exit status 1, as argparse reports a bad argument."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except _user_errors() as e:
+                if os.environ.get("THYROID_DET_TRACEBACK"):
+                    raise
+                raise SystemExit(f"{tool}: error: {one_line(e)}") from None
+
+        return run
+
+    return decorate
+
+
+def check_output_dir(output, inputs=(), flag="--output"):
+    """
+    Create the output folder, refusing one that would overwrite the user's files.
+
+    Args:
+        output (str): the folder a tool writes to.
+        inputs (list[str]): the files and folders the tool reads. ``output`` may not be one of
+            these folders, nor the folder of one of these files: a tool's outputs (``scan1.json``
+            for ``scan1.png``, ``metrics.json``, ...) would replace the user's files there.
+            A new sub-folder is fine.
+        flag (str): the option that named ``output``, for the messages.
+
+    Raises:
+        OSError: ``output`` is a file, cannot be created, is not writable, or is an input folder.
+    """
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise NotADirectoryError(f"{flag} {output} is a file, not a folder")
+    real = os.path.realpath(output)
+    for path in inputs:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        if os.path.realpath(folder) == real:
+            raise IsADirectoryError(
+                f"{flag} {output} holds the input {path}: outputs would overwrite files there; "
+                "choose another folder (a new sub-folder is fine)"
+            )
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{flag} {output} cannot be created ({e.strerror or e})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {output} is not writable")
