@@ -41,6 +41,7 @@ SUMMARY_KEYS = (
     "bbox.AP50",
     "bbox.AP50-benign",
     "bbox.AP50-malignant",
+    "bbox_agnostic.AP50",
     "nodule.recall50",
     "nodule.froc_cpm",
     "nodule.accuracy",

@@ -28,8 +28,18 @@ input and resizes by the shorter edge). Outputs, in original-image pixels:
 * ``--json-mode per-image`` (default): ``OUTPUT/<name>.json`` per image;
   ``single``: ``OUTPUT/predictions.json`` with all images and the skipped files.
   Each detection: ``bbox`` [x0, y0, x1, y1], ``class``, ``category_id``, ``score`` (the model's
-  detection score), ``malignant_prob``, and ``class_probs`` / ``coarse_probs`` / ``fine_probs``
-  ([benign, malignant]) where the model gives them.
+  detection score), ``malignant_prob``, ``size`` and ``class_probs`` / ``coarse_probs`` /
+  ``fine_probs`` ([benign, malignant]) where the model gives them.
+* ``OUTPUT/report.html``: one self-contained page (thumbnails embedded, no server needed) with
+  a row per image: the drawing, the highest malignant probability, the detections and their
+  sizes; click a column header to sort.
+
+DICOM files (``.dcm``/``.dicom`` or the DICM marker; Ultrasound and Secondary Capture, any
+transfer syntax pydicom's plugins decode) are read by thyroid_det.data.dicom; every frame of a
+multi-frame cine is predicted on its own, as ``<name>_f<frame>``. A detection's ``size`` is
+``width_mm``, ``height_mm`` and ``diameter_mm`` (equivalent diameter sqrt(width * height)) from
+the file's SequenceOfUltrasoundRegions (the region containing the box) or PixelSpacing, or
+``{"calibration": "none", "reason": ...}`` for uncalibrated files and other images.
 """
 
 import argparse
@@ -45,15 +55,23 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import Visualizer
 
 import thyroid_det  # noqa: F401  (registers the plugin)
-from thyroid_det.data.image_io import UnreadableImage, read_grayscale
+from thyroid_det.data.dicom import (
+    DICOM_EXTENSIONS,
+    DicomError,
+    box_size_mm,
+    is_dicom,
+    read_frames,
+)
+from thyroid_det.data.image_io import UnreadableImage
 from thyroid_det.engine import Predictor, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import malignant_probability
 from thyroid_det.utils.cli import cli_errors
 from thyroid_det.utils.file_io import atomic_path, atomic_write_json
+from thyroid_det.utils.html_report import thumbnail_data_uri, write_html_report
 
 logger = logging.getLogger("thyroid_det.predict")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + DICOM_EXTENSIONS
 DEFAULT_CLASSES = ["benign", "malignant"]
 CLASS_COLOURS = {"benign": (0.1, 0.8, 0.2), "malignant": (0.95, 0.1, 0.1)}
 MAX_DRAW_SIDE = 2048
@@ -175,29 +193,50 @@ def main(argv=None):
     predictor = Predictor(cfg)
     names = output_names(paths)
     results, skipped = [], []
-    for path, name in tqdm.tqdm(list(zip(paths, names)), desc="predict", unit="image"):
+    report = []
+    for path, stem in tqdm.tqdm(list(zip(paths, names)), desc="predict", unit="image"):
         try:
-            gray = read_grayscale(path, args.scale_16bit)
-        except UnreadableImage as e:
+            frames = read_frames(path, args.scale_16bit)
+        except (UnreadableImage, DicomError) as e:
             logger.warning(f"skipped {path}: {e}")
             skipped.append({"file_name": path, "error": str(e)})
             continue
-        instances = predictor(to_model_input(gray, cfg.INPUT.FORMAT))["instances"].to("cpu")
-        kept = instances[instances.scores >= args.min_score]
-        record = {
-            "file_name": path,
-            "height": int(gray.shape[0]),
-            "width": int(gray.shape[1]),
-            "detections": instances_to_json(kept, classes),
-        }
-        results.append(record)
-        ok, png = cv2.imencode(".png", draw(gray, instances, classes, args.min_score)[:, :, ::-1])
-        if not ok:
-            raise OSError(f"cannot encode the drawing of {path} as PNG")
-        with atomic_path(os.path.join(args.output, f"{name}.png")) as tmp, open(tmp, "wb") as f:
-            f.write(png.tobytes())
-        if args.json_mode == "per-image":
-            atomic_write_json(os.path.join(args.output, f"{name}.json"), record)
+        for frame in frames:
+            name = stem if frame.index is None else f"{stem}_f{frame.index:03d}"
+            gray = frame.image
+            instances = predictor(to_model_input(gray, cfg.INPUT.FORMAT))["instances"].to("cpu")
+            kept = instances[instances.scores >= args.min_score]
+            record = {
+                "file_name": path,
+                "height": int(gray.shape[0]),
+                "width": int(gray.shape[1]),
+                "detections": instances_to_json(kept, classes),
+            }
+            if frame.index is not None:
+                record["frame"] = frame.index
+            if is_dicom(path):
+                record["calibration"] = frame.calibration.source if frame.calibration else "none"
+            for det in record["detections"]:
+                det["size"] = box_size_mm(frame.calibration, det["bbox"])
+            results.append(record)
+            drawing = draw(gray, instances, classes, args.min_score)
+            ok, png = cv2.imencode(".png", drawing[:, :, ::-1])
+            if not ok:
+                raise OSError(f"cannot encode the drawing of {path} as PNG")
+            with atomic_path(os.path.join(args.output, f"{name}.png")) as tmp, open(tmp, "wb") as f:
+                f.write(png.tobytes())
+            if args.json_mode == "per-image":
+                atomic_write_json(os.path.join(args.output, f"{name}.json"), record)
+            report.append(
+                dict(record, name=name, thumbnail=thumbnail_data_uri(drawing), frame=frame.index,
+                     calibration=record.get("calibration"))
+            )
+    write_html_report(
+        os.path.join(args.output, "report.html"),
+        report,
+        subtitle=f"{args.weights}; detections with score >= {args.min_score:g}; "
+        f"{len(skipped)} file(s) skipped",
+    )
     if args.json_mode == "single":
         atomic_write_json(
             os.path.join(args.output, "predictions.json"), {"images": results, "skipped": skipped}

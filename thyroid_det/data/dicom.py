@@ -14,6 +14,7 @@ pixel bounds) or, failing that, ``PixelSpacing`` (the whole image). A box is mea
 region that contains it; a file with neither is uncalibrated, and sizes say so.
 """
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -22,16 +23,22 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 from PIL import Image
 
+from .image_io import read_grayscale, register_decoder
+
 __all__ = [
     "DICOM_EXTENSIONS",
+    "add_dicom_fields",
     "Calibration",
     "CalibratedRegion",
     "DicomError",
     "DicomImage",
+    "Frame",
     "box_size_mm",
+    "decode_frame",
     "is_dicom",
     "read_dicom",
     "read_dicom_header",
+    "read_frames",
 ]
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -40,8 +47,10 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 UNITS_CM = 3
 
 
-class DicomError(ValueError):
-    """A file that is not DICOM, has no image, or whose pixel data no installed plugin decodes."""
+class DicomError(OSError):
+    """A file that is not DICOM, has no image, or whose pixel data no installed plugin decodes
+    (an OSError, as :class:`~thyroid_det.data.image_io.UnreadableImage`: a file that cannot be
+    used)."""
 
 
 @dataclass(frozen=True)
@@ -235,8 +244,8 @@ def _to_uint8(frames, ds):
     return out
 
 
-def read_dicom(path):
-    """Decode every frame of a DICOM file.
+def read_dicom(path, frame=None):
+    """Decode every frame of a DICOM file, or only frame ``frame`` (0-based).
 
     Returns:
         DicomImage: HxW uint8 frames, the calibration (or None) and a few header fields.
@@ -248,7 +257,11 @@ def read_dicom(path):
     info = _info(ds, path)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DicomError("DICOM file without pixel data")
+    if frame is not None and not 0 <= frame < info["num_frames"]:
+        raise DicomError(f"has {info['num_frames']} frame(s); frame {frame} asked for")
     try:
+        if frame is not None and info["num_frames"] > 1:
+            ds.pixel_array_options(index=frame)  # decode that frame only
         pixels = ds.pixel_array
     except Exception as e:  # no plugin for the transfer syntax, or corrupt fragments
         syntax = info["transfer_syntax"] or "unknown"
@@ -256,7 +269,62 @@ def read_dicom(path):
             f"cannot decode pixel data (transfer syntax {syntax}: {type(e).__name__}: {e})"
         ) from None
     colour = int(ds.get("SamplesPerPixel", 1)) == 3
-    if info["num_frames"] == 1 or pixels.ndim == (3 if colour else 2):
+    if pixels.ndim == (3 if colour else 2):
         pixels = pixels[None]
     frames = _to_uint8(np.asarray(pixels), ds)
     return DicomImage([np.ascontiguousarray(f) for f in frames], calibration_of(ds), info)
+
+
+def decode_frame(path, frame=0):
+    """One frame as HxW uint8: the decoder :mod:`thyroid_det.data.image_io` uses for DICOM."""
+    return read_dicom(path, frame=frame).frames[0]
+
+
+class Frame(NamedTuple):
+    """One image the model sees: ``index`` (the frame of a multi-frame DICOM, else None),
+    ``image`` (HxW uint8) and ``calibration`` (a :class:`Calibration` or None)."""
+
+    index: Optional[int]
+    image: np.ndarray
+    calibration: Optional[Calibration]
+
+
+def read_frames(path, scale_16bit="full"):
+    """Every frame of an image or DICOM file, with its calibration: what tools/predict.py and
+    tools/evaluate.py run the model on. Raises UnreadableImage / DicomError naming the problem."""
+    if not is_dicom(path):
+        return [Frame(None, read_grayscale(path, scale_16bit), None)]
+    dicom = read_dicom(path)
+    multi = len(dicom.frames) > 1
+    return [Frame(i if multi else None, f, dicom.calibration) for i, f in enumerate(dicom.frames)]
+
+
+def add_dicom_fields(records, json_file=None):
+    """Give the dataset records whose file is DICOM what evaluation needs, in place:
+    ``"calibration"`` (:meth:`Calibration.to_dict`, when the file has one) and ``"frame"`` (from
+    the COCO image entry's ``"frame"`` key in ``json_file``, 0-based; default 0), checked against
+    the file's frame count. Reads headers only. Raises DicomError naming the file."""
+    # Missing files are left to the reader, which names them.
+    dicom = [r for r in records if is_dicom(r["file_name"]) and os.path.isfile(r["file_name"])]
+    if not dicom:
+        return records
+    frames = {}
+    if json_file is not None:
+        with open(json_file, encoding="utf-8") as f:
+            frames = {im["id"]: im["frame"] for im in json.load(f)["images"] if "frame" in im}
+    for record in dicom:
+        path = record["file_name"]
+        try:
+            info, calibration = read_dicom_header(path)
+        except DicomError as e:
+            raise DicomError(f"{path}: {e}") from None
+        frame = int(frames.get(record.get("image_id"), record.get("frame", 0)))
+        if not 0 <= frame < info["num_frames"]:
+            raise DicomError(f"{path}: has {info['num_frames']} frame(s); frame {frame} asked for")
+        record["frame"] = frame
+        if calibration is not None:
+            record["calibration"] = calibration.to_dict()
+    return records
+
+
+register_decoder(DICOM_EXTENSIONS, decode_frame)

@@ -14,8 +14,8 @@ __all__ = ["SSDDatasetMapper"]
 
 class SSDDatasetMapper:
     """
-    Read an image, apply SSD augmentation (training) or the plain resize (testing) and return
-    the model's input dict:
+    Read an image (the record's ``"frame"`` of a multi-frame DICOM), apply SSD augmentation
+    (training) or the plain resize (testing) and return the model's input dict:
 
     * "image": CxHxW uint8 tensor of size ``INPUT.FIXED_SIZE`` (C = 1 for ``INPUT.FORMAT`` "L").
     * "instances": ``gt_boxes`` / ``gt_classes`` in the resized frame, when the dict has
@@ -50,9 +50,9 @@ class SSDDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
         }
 
-    def _read_image(self, file_name):
+    def _read_image(self, file_name, frame=0):
         try:
-            return read_image(file_name, format=self.image_format)
+            return read_image(file_name, format=self.image_format, frame=frame)
         except UnreadableImage as e:
             raise UnreadableImage(f"Cannot read image {file_name!r}: {e}") from None
 
@@ -65,7 +65,7 @@ class SSDDatasetMapper:
             dict: a new dict in the format detectron2 models take.
         """
         dataset_dict = dict(dataset_dict)
-        image = self._read_image(dataset_dict["file_name"])
+        image = self._read_image(dataset_dict["file_name"], dataset_dict.get("frame", 0))
         utils.check_image_size(dataset_dict, image)
 
         # Training always yields (possibly empty) instances; testing only when annotated.

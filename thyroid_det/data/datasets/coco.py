@@ -6,6 +6,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 
+from ..dicom import add_dicom_fields
 from ..image_io import image_size
 from .tn5000 import BOX_TOLERANCE, DatasetFormatError
 
@@ -25,7 +26,9 @@ def load_coco(json_file, image_root, dataset_name=None):
       file, and the real size is used; if a box then lies outside the real image, the JSON does
       not describe that image: DatasetFormatError.
 
-    Images that are missing are left to the reader (and tools/evaluate.py's check).
+    Images that are missing are left to the reader (and tools/evaluate.py's check). DICOM images
+    get their calibration and frame (an image entry's optional ``"frame"``, 0-based):
+    :func:`~thyroid_det.data.dicom.add_dicom_fields`.
     """
     try:
         records = load_coco_json(json_file, image_root, dataset_name)
@@ -47,7 +50,7 @@ def load_coco(json_file, image_root, dataset_name=None):
             f"{json_file}: dropped {len(dropped)} boxes with zero or negative width or height "
             f"(first: {list(dropped[0]['bbox'])})"
         )
-    return records
+    return add_dicom_fields(records, json_file)
 
 
 def _use_real_size(record, json_file):
