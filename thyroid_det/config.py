@@ -141,6 +141,15 @@ def add_mccnn_config(cfg):
     _C.MODEL.MCCNN.REFINER_LOSS_WEIGHT = 1.0
 
     # ---------------------------------------------------------------------------------------
+    # Training
+    # ---------------------------------------------------------------------------------------
+    # Exponential moving average of the weights; the average is what evaluation and
+    # model_final.pth hold. DECAY: weight of the old average per step (window ~1 / (1 - DECAY)).
+    _C.SOLVER.EMA = CN()
+    _C.SOLVER.EMA.ENABLED = False
+    _C.SOLVER.EMA.DECAY = 0.999
+
+    # ---------------------------------------------------------------------------------------
     # Clinical evaluation
     # ---------------------------------------------------------------------------------------
     _C.TEST.NODULE_EVAL = CN()

@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_opts, _phantom_dir):
-    """4 iterations of batch 2 on phantoms with an evaluation every 2 iterations."""
+    """4 iterations of batch 2 on phantoms with an evaluation every 2 iterations, weight EMA on
+    (its evaluations and final checkpoint are of the averaged weights)."""
     from thyroid_det.engine import Trainer, setup_cfg
 
     out = tmp_path_factory.mktemp("run")
@@ -22,6 +23,7 @@ def trained_run(tmp_path_factory, tiny_opts, _phantom_dir):
         "DATASETS.TRAIN", "('synthetic_tiny',)", "DATASETS.TEST", "('synthetic_tiny',)",
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "()",
         "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "2", "OUTPUT_DIR", str(out),
+        "SOLVER.EMA.ENABLED", "True", "SOLVER.EMA.DECAY", "0.9",
     ]
     args = argparse.Namespace(
         config_file=os.path.join(REPO, "configs", "mssd_vgg16_synthetic.yaml"),

@@ -2,20 +2,21 @@
 import os
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators
 from .checkpoint import Checkpointer
+from .ema import ModelEMAHook
 from .hooks import CascadeStageHook, TrainingProgressHook, build_cascade_lr_scheduler
 
 
 class Trainer(DefaultTrainer):
     """Overrides only the loaders (SSD augmentation, fixed input size), the evaluators (COCO AP
-    plus per-nodule clinical metrics) and, for the cascade, its stage hook and learning-rate
-    restart at the stage change."""
+    plus per-nodule clinical metrics), the hooks (training progress, optional weight EMA, and
+    for the cascade its stage) and the cascade's learning-rate restart at the stage change."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -52,8 +53,23 @@ class Trainer(DefaultTrainer):
         self.checkpointer = Checkpointer(
             self.checkpointer.model, self.checkpointer.save_dir, **self.checkpointer.checkpointables
         )
-        hooks = super().build_hooks()
+        ret = super().build_hooks()
+        if self.cfg.SOLVER.EMA.ENABLED:
+            ema = ModelEMAHook(self.cfg.SOLVER.EMA.DECAY)
+
+            def test_with_ema():
+                with ema.applied(self.model):
+                    self._last_eval_results = self.test(self.cfg, self.model)
+                return self._last_eval_results
+
+            ret = [
+                hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_with_ema)
+                if isinstance(h, hooks.EvalHook)
+                else h
+                for h in ret
+            ]
+            ret.insert(0, ema)  # before the checkpointer, which then saves the average
         if self.cfg.MODEL.META_ARCHITECTURE == "MCCNN":
-            hooks.insert(0, CascadeStageHook())
-        hooks.insert(0, TrainingProgressHook(self.cfg.SOLVER.IMS_PER_BATCH))
-        return hooks
+            ret.insert(0, CascadeStageHook())
+        ret.insert(0, TrainingProgressHook(self.cfg.SOLVER.IMS_PER_BATCH))
+        return ret
