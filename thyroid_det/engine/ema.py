@@ -59,6 +59,19 @@ class ModelEMAHook(HookBase):
             # from here on (final checkpoint, final evaluation) the model is the average
             _unwrap(self.trainer.model).load_state_dict(self._averages)
 
+    @torch.no_grad()
+    def restart(self):
+        """Put the average into the model and start averaging afresh from it.
+
+        The sequential cascade calls this when Ec freezes: the refiner then trains on the
+        averaged Ec, and its own average is not pulled towards its random initialisation.
+        """
+        if self._averages is None:
+            return
+        _unwrap(self.trainer.model).load_state_dict(self._averages)
+        self._averages = {k: v.detach().clone() for k, v in self._tensors().items()}
+        self._updates = 0
+
     @contextlib.contextmanager
     def applied(self, model):
         """Within the block ``model`` holds the averaged weights; its own come back after."""

@@ -38,12 +38,21 @@ class CascadeStageHook(HookBase):
     that read the model's state at the start of a step.
     """
 
+    def __init__(self, ema=None):
+        """
+        Args:
+            ema (ModelEMAHook or None): the run's weight average, restarted when Ec freezes.
+        """
+        self._ema = ema
+
     def before_step(self):
         model = _trained_model(self.trainer)
         stage = model.stage_for_iteration(self.trainer.iter)
         if stage != model.stage:
             logger.info(f"Iteration {self.trainer.iter}: MC-CNN enters stage {stage!r}")
             model.set_stage(stage)
+            if self._ema is not None and self.trainer.iter == model.detector_iters:
+                self._ema.restart()  # not on a resume that lands inside the refiner stage
 
 
 class TrainingProgressHook(HookBase):

@@ -20,15 +20,22 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        ddp = self._trainer.model
+        ddp = self.model
         if cfg.MODEL.META_ARCHITECTURE == "MCCNN" and isinstance(ddp, DistributedDataParallel):
             # Each stage of the cascade leaves one network without gradients.
-            self._trainer.model = DistributedDataParallel(
+            self.model = DistributedDataParallel(
                 ddp.module,
                 device_ids=ddp.device_ids,
                 broadcast_buffers=False,
                 find_unused_parameters=True,
             )
+
+    @property
+    def last_eval_results(self):
+        """The results of the latest evaluation during training (None before any)."""
+        # detectron2 0.6 keeps them only in this private attribute (train() returns them only
+        # with TEST.EXPECTED_RESULTS set).
+        return getattr(self, "_last_eval_results", None)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -54,13 +61,16 @@ class Trainer(DefaultTrainer):
             self.checkpointer.model, self.checkpointer.save_dir, **self.checkpointer.checkpointables
         )
         ret = super().build_hooks()
+        ema = None
         if self.cfg.SOLVER.EMA.ENABLED:
             ema = ModelEMAHook(self.cfg.SOLVER.EMA.DECAY)
 
             def test_with_ema():
                 with ema.applied(self.model):
-                    self._last_eval_results = self.test(self.cfg, self.model)
-                return self._last_eval_results
+                    results = self.test(self.cfg, self.model)
+                # detectron2 0.6's train() verifies and returns this private attribute; no hook.
+                self._last_eval_results = results
+                return results
 
             ret = [
                 hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_with_ema)
@@ -70,6 +80,6 @@ class Trainer(DefaultTrainer):
             ]
             ret.insert(0, ema)  # before the checkpointer, which then saves the average
         if self.cfg.MODEL.META_ARCHITECTURE == "MCCNN":
-            ret.insert(0, CascadeStageHook())
+            ret.insert(0, CascadeStageHook(ema))
         ret.insert(0, TrainingProgressHook(self.cfg.SOLVER.IMS_PER_BATCH))
         return ret
