@@ -114,7 +114,7 @@ def run_fold(cfg, resume):
     trainer.resume_or_load(resume=resume)
     trainer.train()
     # DefaultTrainer's final evaluation hook leaves its results here; evaluate again otherwise.
-    results = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
+    results = trainer.last_eval_results or Trainer.test(cfg, trainer.model)
     del trainer
     gc.collect()
     return flat_metrics(results) if comm.is_main_process() else None

@@ -36,7 +36,7 @@ def train(opts, report):
     trainer = Trainer(_cfg(opts))
     trainer.resume_or_load(resume=False)
     trainer.train()
-    ddp = trainer._trainer.model
+    ddp = trainer.model
     checksum = float(sum(p.detach().double().sum() for p in ddp.module.parameters()))
     checksums = comm.all_gather(checksum)
     if comm.is_main_process():

@@ -159,11 +159,11 @@ def test_unknown_schedule_and_stage_are_rejected():
 
 
 class _FakeDefaultTrainer:
-    """What the hook reads from detectron2's DefaultTrainer: ``iter`` and ``_trainer.model``."""
+    """What the hook reads from detectron2's DefaultTrainer: ``iter`` and ``model``."""
 
     def __init__(self, model, iteration):
         self.iter = iteration
-        self._trainer = type("Inner", (), {"model": model})()
+        self.model = model
 
 
 def test_hook_sets_the_stage_from_the_iteration():

@@ -5,9 +5,9 @@ import time
 from detectron2.engine import HookBase
 from detectron2.solver import LRMultiplier, WarmupParamScheduler, build_lr_scheduler
 from fvcore.common.param_scheduler import (
+    CompositeParamScheduler,
     CosineParamScheduler,
     MultiStepParamScheduler,
-    ParamScheduler,
 )
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -17,13 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def _trained_model(trainer):
-    """The model a trainer trains, unwrapped from (Distributed)DataParallel.
-
-    DefaultTrainer keeps it on its inner SimpleTrainer/AMPTrainer; SimpleTrainer has it itself.
-    """
-    model = getattr(trainer, "model", None)
-    if model is None:
-        model = trainer._trainer.model
+    """The model a trainer trains (``trainer.model``: DefaultTrainer forwards it from its inner
+    SimpleTrainer), unwrapped from (Distributed)DataParallel."""
+    model = trainer.model
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     return model
@@ -124,22 +120,6 @@ def _stage_multiplier(cfg, length, steps):
     )
 
 
-class _TwoStageScheduler(ParamScheduler):
-    """``first`` over [0, split) of training, ``second`` restarted over [split, 1].
-
-    Each stage sees its own progress in [0, 1]; it is clamped because the split is a float and
-    detectron2 asks for the value at the very end of training (where = 1).
-    """
-
-    def __init__(self, first, second, split):
-        self.first, self.second, self.split = first, second, split
-
-    def __call__(self, where):
-        if where < self.split:
-            return self.first(where / self.split)
-        return self.second(min(max((where - self.split) / (1 - self.split), 0.0), 1.0))
-
-
 def build_cascade_lr_scheduler(cfg, optimizer):
     """The learning-rate schedule of a sequential MC-CNN run: SOLVER's schedule over Ec's
     ``DETECTOR_ITERS`` iterations, then the same schedule again (warm-up included, SOLVER.STEPS
@@ -157,9 +137,14 @@ def build_cascade_lr_scheduler(cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
     refiner_iters = max_iter - detector_iters
     refiner_steps = [round(s * refiner_iters / detector_iters) for s in cfg.SOLVER.STEPS]
-    multiplier = _TwoStageScheduler(
-        _stage_multiplier(cfg, detector_iters, cfg.SOLVER.STEPS),
-        _stage_multiplier(cfg, refiner_iters, refiner_steps),
-        detector_iters / max_iter,
+    split = detector_iters / max_iter
+    # Each stage runs over its own progress in [0, 1] ("rescaled").
+    multiplier = CompositeParamScheduler(
+        [
+            _stage_multiplier(cfg, detector_iters, cfg.SOLVER.STEPS),
+            _stage_multiplier(cfg, refiner_iters, refiner_steps),
+        ],
+        lengths=[split, 1.0 - split],
+        interval_scaling=["rescaled", "rescaled"],
     )
     return LRMultiplier(optimizer, multiplier=multiplier, max_iter=max_iter)

@@ -1,10 +1,21 @@
-"""Clinical evaluation: per-nodule detection and benign/malignant metrics beside COCO AP."""
+"""Clinical evaluation: per-nodule detection and benign/malignant metrics beside COCO AP.
+
+metrics.py (metric functions), matching.py (detections to nodules, the per-nodule table),
+nodule_evaluator.py (the DatasetEvaluator), report.py (its files), calibration.py and
+operating_points.py (probability quality and thresholds), timing.py (model-call timing)."""
 
 from .build import (
     PerClassAP50COCOEvaluator,
     build_evaluators,
     flat_metrics,
     register_class_agnostic,
+)
+from .metrics import (
+    binary_metrics,
+    bootstrap_auc_interval,
+    malignant_probability,
+    roc_auc,
+    youden_threshold,
 )
 from .nodule_evaluator import NoduleEvaluator
 from .timing import ModelTimer
@@ -16,4 +27,9 @@ __all__ = [
     "flat_metrics",
     "register_class_agnostic",
     "ModelTimer",
+    "binary_metrics",
+    "bootstrap_auc_interval",
+    "malignant_probability",
+    "roc_auc",
+    "youden_threshold",
 ]

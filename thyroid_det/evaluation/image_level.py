@@ -8,10 +8,9 @@ import io
 import os
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from ..data.dicom import read_frames
-from .nodule_evaluator import bootstrap_auc_interval, malignant_probability
+from .metrics import bootstrap_auc_interval, malignant_probability, roc_auc
 from .operating_points import fixed_threshold_metrics
 
 __all__ = ["image_level_metrics", "images_csv", "read_image_labels", "score_images"]
@@ -100,7 +99,7 @@ def image_level_metrics(results, threshold=0.5, num_resamples=1000, seed=0):
     }
     metrics.update(fixed_threshold_metrics(y, p, threshold, num_resamples, seed=seed))
     if len(np.unique(y)) == 2:
-        metrics["auc"] = float(roc_auc_score(y, p))
+        metrics["auc"] = roc_auc(y, p)
         metrics["auc_ci_low"], metrics["auc_ci_high"] = bootstrap_auc_interval(
             y, p, num_resamples, seed=seed
         )
