@@ -6,11 +6,16 @@ def add_mccnn_config(cfg):
     """Add MC-CNN's keys to a detectron2 config (``get_cfg()``) in place."""
     _C = cfg
 
-    # Ultrasound is grayscale: one channel enters the model. Mean/std measured on 400 TN5000
-    # training images read as grayscale (tools/ and README say how).
-    _C.INPUT.FORMAT = "L"
-    _C.MODEL.PIXEL_MEAN = [58.6]
-    _C.MODEL.PIXEL_STD = [50.2]
+    # Images enter as detectron2's BGR, so DefaultPredictor and detectron2's tools run every
+    # config; "L" (one gray channel) still loads older configs. Mean/std measured on 400 TN5000
+    # training images read as grayscale, equal in the three channels.
+    _C.INPUT.FORMAT = "BGR"
+    _C.MODEL.PIXEL_MEAN = [58.6, 58.6, 58.6]
+    _C.MODEL.PIXEL_STD = [50.2, 50.2, 50.2]
+    # MultiScaleSSD and MCCNN convert BGR/RGB input to one ITU-R 601 luma channel themselves, so
+    # their backbone and refiner take 1 channel and colour overlays count as their gray rendering;
+    # detectron2's own meta-architectures keep len(PIXEL_MEAN) channels.
+    _C.MODEL.LUMA_INPUT = True
 
     # ---------------------------------------------------------------------------------------
     # Data

@@ -50,8 +50,10 @@ def make_cfg(image_format="L", **ssd_aug):
     cfg = get_cfg()
     add_mccnn_config(cfg)
     cfg.INPUT.FIXED_SIZE = (OUT_H, OUT_W)
-    if image_format != "L":
-        cfg.INPUT.FORMAT = image_format
+    cfg.INPUT.FORMAT = image_format
+    if image_format == "L":  # one gray channel, as older configs (the default is BGR)
+        cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [58.6], [50.2]
+    else:
         cfg.MODEL.PIXEL_MEAN = [103.5, 116.3, 123.7]
         cfg.MODEL.PIXEL_STD = [57.4, 57.1, 58.4]
     for key, value in ssd_aug.items():

@@ -140,6 +140,7 @@ def make_cfg(**ssd_aug):
     cfg = get_cfg()
     add_mccnn_config(cfg)
     cfg.INPUT.FIXED_SIZE = (48, 64)
+    cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = "L", [58.6], [50.2]
     for key, value in ssd_aug.items():
         cfg.INPUT.SSD_AUG[key] = value
     return cfg

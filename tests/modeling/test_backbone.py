@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.backbone.vgg import VGG16SSD, L2Norm
+from thyroid_det.modeling.model_input import model_input_channels
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEVELS = ["conv4_3", "fc7", "extra1", "extra2", "extra3", "extra4", "extra5"]
@@ -41,9 +42,9 @@ def test_built_from_config_with_grayscale_input():
     add_mccnn_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, "configs", "ssd512_vgg16.yaml"))
     cfg.MODEL.VGG.WIDTH_MULT = 1 / 16
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, ShapeSpec(channels=model_input_channels(cfg)))
     assert isinstance(backbone, VGG16SSD)
-    assert backbone.conv1[0].in_channels == 1
+    assert backbone.conv1[0].in_channels == 1  # MultiScaleSSD converts BGR to luma first
     shapes = backbone.output_shape()
     assert list(shapes) == LEVELS
     assert [shapes[n].stride for n in LEVELS] == [8, 16, 32, 64, 128, 256, 512]

@@ -122,10 +122,11 @@ def predictor(request):
 def test_config_builds_the_intended_model(predictor):
     name, pred = predictor
     assert type(pred.model) is COMPOSITIONS[name][0]
-    # Grayscale: detectron2's ResNet stem and VGG-16 take len(PIXEL_MEAN) = 1 input channel.
-    assert pred.model.pixel_mean.shape == (1, 1, 1)
+    # BGR in; MultiScaleSSD converts to one luma channel, detectron2's models keep three.
+    channels = 1 if isinstance(pred.model, MultiScaleSSD) else 3
+    assert pred.model.pixel_mean.shape == (channels, 1, 1)
     convs = [m for m in pred.model.backbone.modules() if isinstance(m, nn.Conv2d)]
-    assert min(c.in_channels for c in convs) == 1
+    assert min(c.in_channels for c in convs) == channels
     if name == "rcnn_spatial_pyramid_R50_FPN.yaml":
         assert isinstance(pred.model.roi_heads, SpatialPyramidROIHeads)
     if name in ("retinanet_vgg16_nodule_priors.yaml", "mssd_R50_FPN.yaml"):
@@ -174,32 +175,15 @@ def test_predictor_outputs_are_in_the_original_frame(predictor):
         assert torch.allclose(inst.class_probs, inst.fine_probs)
         assert torch.equal(inst.pred_classes, inst.fine_probs.argmax(dim=1))
 
-    resized = T.Resize((SIZE, SIZE)).get_transform(image[:, :, None]).apply_image(image[:, :, None])
-    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+    bgr = np.repeat(image[:, :, None], 3, axis=2)
+    resized = pred.aug.get_transform(bgr).apply_image(bgr)
+    tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
     with torch.no_grad():
         direct = pred.model([{"image": tensor}])[0]["instances"]
-    scale = torch.tensor([image.shape[1] / SIZE, image.shape[0] / SIZE] * 2)
-    assert direct.image_size == (SIZE, SIZE)
+    scale = torch.tensor([image.shape[1] / resized.shape[1], image.shape[0] / resized.shape[0]] * 2)
+    assert direct.image_size == resized.shape[:2]
     assert torch.allclose(inst.pred_boxes.tensor, direct.pred_boxes.tensor * scale, atol=1e-3)
     assert torch.allclose(inst.scores, direct.scores)
-
-
-@pytest.mark.parametrize("name", sorted(COMPOSITIONS))
-def test_detectron2_default_predictor_on_a_three_channel_variant(name):
-    """detectron2's DefaultPredictor only takes RGB/BGR configs: with INPUT.FORMAT "BGR" and a
-    3-channel PIXEL_MEAN/STD every composition (and the cascade) is a 3-channel model that it
-    runs unchanged, resizing by MIN/MAX_SIZE_TEST (aspect kept) instead of INPUT.FIXED_SIZE."""
-    from detectron2.engine import DefaultPredictor
-
-    cfg = load_cfg(name, ["INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN", [58.6] * 3,
-                          "MODEL.PIXEL_STD", [50.2] * 3])
-    cfg.INPUT.MIN_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST = SIZE
-    torch.manual_seed(0)
-    pred = DefaultPredictor(cfg)
-    convs = [m for m in pred.model.backbone.modules() if isinstance(m, nn.Conv2d)]
-    assert min(c.in_channels for c in convs) == 3
-    image = np.repeat(grayscale_image()[:, :, None], 3, axis=2)
-    check_instances(pred(image)["instances"], image.shape[:2])
 
 
 def test_predictor_takes_grayscale_or_bgr_and_names_bad_shapes():
@@ -211,7 +195,7 @@ def test_predictor_takes_grayscale_or_bgr_and_names_bad_shapes():
     for image in (gray[:, :, None], bgr):
         got = pred(image)["instances"]
         assert torch.equal(got.pred_boxes.tensor, expected.pred_boxes.tensor)
-    with pytest.raises(ValueError, match=r"shape \(90, 150, 2\).*INPUT.FORMAT 'L'"):
+    with pytest.raises(ValueError, match=r"shape \(90, 150, 2\).*INPUT.FORMAT 'BGR'"):
         pred(np.zeros((90, 150, 2), np.uint8))
 
 
@@ -257,13 +241,18 @@ def test_vgg_fpn_names_missing_levels():
 
 
 def test_project_configs_resize_to_the_fixed_size_in_detectron2_paths():
-    """INPUT.MIN/MAX_SIZE_TEST give the long side of FIXED_SIZE, for detectron2's own resizes."""
+    """BGR configs. detectron2's own resizes (INPUT.MIN/MAX_SIZE_TEST) pass the image unresized to
+    the SSD models, which resize to FIXED_SIZE themselves, and give detectron2's models the long
+    side of FIXED_SIZE."""
     for name in ["Base-SSD.yaml", "mssd_vgg16.yaml", "mccnn.yaml"] + sorted(
         n for n in COMPOSITIONS if "synthetic" not in n
     ):
         cfg = get_cfg()
         add_mccnn_config(cfg)
         cfg.merge_from_file(os.path.join(CONFIGS, name))
-        assert cfg.INPUT.FORMAT == "L" and len(cfg.MODEL.PIXEL_MEAN) == 1, name
-        assert cfg.INPUT.MIN_SIZE_TEST == min(cfg.INPUT.FIXED_SIZE), name
-        assert cfg.INPUT.MAX_SIZE_TEST == max(cfg.INPUT.FIXED_SIZE), name
+        assert cfg.INPUT.FORMAT == "BGR" and len(cfg.MODEL.PIXEL_MEAN) == 3, name
+        if cfg.MODEL.META_ARCHITECTURE in ("MultiScaleSSD", "MCCNN"):
+            assert cfg.INPUT.MIN_SIZE_TEST == 0, name
+        else:
+            assert cfg.INPUT.MIN_SIZE_TEST == min(cfg.INPUT.FIXED_SIZE), name
+            assert cfg.INPUT.MAX_SIZE_TEST == max(cfg.INPUT.FIXED_SIZE), name

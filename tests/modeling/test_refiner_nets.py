@@ -88,5 +88,8 @@ def test_refiner_takes_the_configured_input_channels():
     cfg = tiny_cfg("AlexNetSPConv5")
     cfg.MODEL.PIXEL_MEAN = [100.0, 100.0, 100.0]
     cfg.MODEL.PIXEL_STD = [50.0, 50.0, 50.0]
+    cfg.MODEL.LUMA_INPUT = False
     net = build_refiner(cfg).eval()
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+    cfg.MODEL.LUMA_INPUT = True  # the ROI heads hand it one luma channel
+    assert build_refiner(cfg).conv1.in_channels == 1

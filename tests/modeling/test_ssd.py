@@ -237,8 +237,8 @@ def test_nan_input_and_nan_loss_raise_floating_point_error():
 
 def test_wrong_channel_count_names_the_file():
     model = build(tiny_cfg())
-    with pytest.raises(ValueError, match=r"rgb\.png.*\(3, 64, 64\)"):
-        model.preprocess_image([{"image": torch.zeros(3, 64, 64), "file_name": "rgb.png"}])
+    with pytest.raises(ValueError, match=r"rgba\.png.*\(4, 64, 64\)"):
+        model.preprocess_image([{"image": torch.zeros(4, 64, 64), "file_name": "rgba.png"}])
 
 
 def _probs_to_logits(rows):

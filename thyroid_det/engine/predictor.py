@@ -1,4 +1,4 @@
-"""detectron2's DefaultPredictor, for grayscale thyroid_det configs."""
+"""detectron2's DefaultPredictor with the checks and inputs a clinical tool needs."""
 import cv2
 import numpy as np
 import torch
@@ -16,20 +16,21 @@ __all__ = ["Predictor"]
 class Predictor:
     """One image in, ``{"instances": Instances}`` out, for any model a thyroid_det config builds.
 
-    detectron2's ``DefaultPredictor`` (0.6 and main) asserts that ``INPUT.FORMAT`` is "RGB" or
-    "BGR", so it cannot run the project's grayscale ("L") configs, and it resizes by the shorter
-    edge. This class keeps its interface and attributes (``cfg``, ``model``, ``metadata``,
-    ``aug``, ``input_format``; weights from ``MODEL.WEIGHTS``; outputs in the coordinates of the
-    given image) but resizes with the project's test transform (to ``INPUT.FIXED_SIZE``, as
-    SSDDatasetMapper does for evaluation), so a prediction is what evaluation sees, and refuses
-    a ``MODEL.WEIGHTS`` checkpoint that leaves model weights uninitialised.
+    For "BGR"/"RGB" configs (every shipped one) it gives exactly detectron2's
+    ``DefaultPredictor``'s outputs: the same resize (``ResizeShortestEdge`` by
+    ``INPUT.MIN/MAX_SIZE_TEST``; the SSD configs set MIN_SIZE_TEST 0, so the image is passed as
+    it is and the model itself converts it to luma and resizes it to ``INPUT.FIXED_SIZE``) and
+    the same attributes (``cfg``, ``model``, ``metadata``, ``aug``, ``input_format``). On top,
+    it takes grayscale arrays, refuses a ``MODEL.WEIGHTS`` checkpoint that leaves model weights
+    uninitialised, and applies the malignancy temperature.
 
     Accepted images (uint8 unless noted):
 
-    * ``INPUT.FORMAT`` "L": HxW or HxWx1 grayscale (any dtype the resize takes), or HxWx3 BGR,
+    * "BGR" / "RGB": HxWx3 BGR, as DefaultPredictor takes, or HxW / HxWx1 grayscale (given to
+      the model as three equal channels).
+    * "L" (older configs): HxW or HxWx1 grayscale (any dtype the resize takes), or HxWx3 BGR
       converted as :func:`thyroid_det.data.image_io.read_image` converts colour files (ITU-R
-      601 luma).
-    * "BGR" / "RGB": HxWx3 BGR, as DefaultPredictor takes.
+      601 luma); resized to ``INPUT.FIXED_SIZE`` as SSDDatasetMapper does for evaluation.
     """
 
     def __init__(self, cfg):
@@ -43,7 +44,12 @@ class Predictor:
         # Temperature-scaled malignant probability (MODEL.MALIGNANCY_TEMPERATURE or checkpoint).
         self.malignancy_temperature = resolve_malignancy_temperature(cfg)
         attach_malignancy_temperature(self.model, self.malignancy_temperature)
-        self.aug = T.AugmentationList(build_ssd_augmentation(cfg, is_train=False))
+        if cfg.INPUT.FORMAT == "L":
+            self.aug = T.AugmentationList(build_ssd_augmentation(cfg, is_train=False))
+        else:  # DefaultPredictor's
+            self.aug = T.ResizeShortestEdge(
+                [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+            )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("L", "BGR", "RGB"):
             raise ValueError(f"Predictor: unsupported INPUT.FORMAT {self.input_format!r}")
@@ -62,7 +68,9 @@ class Predictor:
         else:
             if colour:
                 return image[:, :, ::-1] if self.input_format == "RGB" else image
-            expected = "HxWx3 BGR"
+            if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+                return np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
+            expected = "HxWx3 BGR, or HxW or HxWx1 grayscale"
         raise ValueError(
             f"Predictor: got an image of shape {image.shape} and dtype {image.dtype}; "
             f"INPUT.FORMAT {self.input_format!r} takes {expected}"
@@ -82,6 +90,6 @@ class Predictor:
             height, width = image.shape[:2]
             aug_input = T.AugInput(image)
             self.aug(aug_input)
-            chw = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)).astype("float32")
+            chw = aug_input.image.astype("float32").transpose(2, 0, 1)
             inputs = {"image": torch.as_tensor(chw), "height": height, "width": width}
             return self.model([inputs])[0]

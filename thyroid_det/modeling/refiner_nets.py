@@ -18,6 +18,8 @@ from torch import nn
 from torchvision.models.googlenet import GoogLeNet as _TorchvisionGoogLeNet
 from torchvision.models.googlenet import Inception, InceptionAux
 
+from .model_input import model_input_channels
+
 __all__ = [
     "REFINER_REGISTRY",
     "build_refiner",
@@ -183,7 +185,7 @@ class AlexNet(nn.Module):
     def from_config(cls, cfg):
         mult = cfg.MODEL.REFINER.WIDTH_MULT
         return {
-            "in_channels": len(cfg.MODEL.PIXEL_MEAN),
+            "in_channels": model_input_channels(cfg),
             "num_classes": 2,
             "channels": [max(8, int(round(c * mult / 8)) * 8) for c in ALEXNET_CHANNELS],
             "fc_dim": cfg.MODEL.REFINER.FC_DIM,
@@ -288,7 +290,7 @@ class GoogLeNet(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         return {
-            "in_channels": len(cfg.MODEL.PIXEL_MEAN),
+            "in_channels": model_input_channels(cfg),
             "num_classes": 2,
             "norm": cfg.MODEL.REFINER.NORM,
         }

@@ -143,7 +143,7 @@ class MCCNN(MultiScaleSSD):
         if "instances" not in batched_inputs[0]:
             raise ValueError("MCCNN: training inputs need ground-truth 'instances'")
         images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        gt_instances = self.ground_truth(batched_inputs, images)
 
         with torch.set_grad_enabled(self.stage != "refiner"):
             features, pred_logits, pred_deltas, anchors = self.forward_head(images)

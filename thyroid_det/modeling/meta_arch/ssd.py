@@ -2,7 +2,7 @@
 
 import logging
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..anchor_generator import NodulePriorAnchorGenerator
+from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
 
 __all__ = ["MultiScaleSSD", "SSDHead", "permute_to_N_HWA_K"]
 
@@ -120,6 +121,10 @@ class MultiScaleSSD(nn.Module):
 
     The methods ``preprocess_image``, ``forward_head``, ``ssd_losses`` and ``ssd_inference`` are the
     interface that the MC-CNN cascade builds on.
+
+    Input: images of any size in ``input_format``; with ``luma_input`` a BGR/RGB image becomes one
+    luma channel, and with ``fixed_size`` it is resized to that size, both inside the model, so
+    that detectron2's ``DefaultPredictor`` and the project's paths give it the same tensor.
     """
 
     @configurable
@@ -146,6 +151,8 @@ class MultiScaleSSD(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         input_format: str = "L",
+        luma_input: bool = False,
+        fixed_size: Optional[Tuple[int, int]] = None,
     ):
         """
         Args:
@@ -171,8 +178,13 @@ class MultiScaleSSD(nn.Module):
                 over all classes, so a nodule is never reported as both classes; otherwise every
                 (anchor, class) pair above threshold is a candidate and NMS runs per class.
             max_detections_per_image: cap on detections returned per image.
-            pixel_mean, pixel_std: per-channel input normalisation.
-            input_format: image format of the inputs ("L" for grayscale), for visualisation.
+            pixel_mean, pixel_std: per-channel input normalisation (with ``luma_input``, their
+                luma-weighted values normalise the luma channel).
+            input_format: image format of the inputs: "BGR", "RGB" or "L" (grayscale).
+            luma_input: convert 3-channel BGR/RGB inputs to one ITU-R 601 luma channel before
+                normalisation (the backbone then takes 1 channel); 1-channel inputs pass as they are.
+            fixed_size: (H, W) every input is resized to before normalisation (bilinear,
+                antialiased); None keeps the input's size.
         """
         super().__init__()
         self.backbone = backbone
@@ -200,12 +212,17 @@ class MultiScaleSSD(nn.Module):
         self.input_format = input_format
         if len(pixel_mean) != len(pixel_std):
             raise ValueError(f"PIXEL_MEAN {pixel_mean} and PIXEL_STD {pixel_std} differ in length")
+        self.luma_input = bool(luma_input) and input_format in ("BGR", "RGB")
+        if self.luma_input:
+            pixel_mean = [luma_statistic(pixel_mean, input_format)]
+            pixel_std = [luma_statistic(pixel_std, input_format)]
+        self.fixed_size = tuple(fixed_size) if fixed_size else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
+        backbone = build_backbone(cfg, ShapeSpec(channels=model_input_channels(cfg)))
         backbone_shape = backbone.output_shape()
         in_features = list(cfg.MODEL.SSD.IN_FEATURES)
         missing = [f for f in in_features if f not in backbone_shape]
@@ -241,6 +258,8 @@ class MultiScaleSSD(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
+            "luma_input": luma_enabled(cfg),
+            "fixed_size": tuple(cfg.INPUT.FIXED_SIZE),
         }
 
     @property
@@ -264,23 +283,30 @@ class MultiScaleSSD(nn.Module):
         if self.training:
             if "instances" not in batched_inputs[0]:
                 raise ValueError("MultiScaleSSD: training inputs need ground-truth 'instances'")
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            gt_instances = self.ground_truth(batched_inputs, images)
             return self.ssd_losses(anchors, pred_logits, pred_deltas, gt_instances)
         results = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
         return self.postprocess(results, batched_inputs, images.image_sizes)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise with PIXEL_MEAN/STD and batch; reject wrongly shaped or non-finite images."""
+        """To luma (``luma_input``), resize to ``fixed_size``, normalise with PIXEL_MEAN/STD and
+        batch; reject wrongly shaped or non-finite images."""
         images = []
+        channels = self.pixel_mean.shape[0]
         for x in batched_inputs:
             image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
+            accepted = (channels, 3) if self.luma_input else (channels,)
+            if image.dim() != 3 or image.shape[0] not in accepted:
                 raise ValueError(
                     f"{x.get('file_name', '<input image>')}: image tensor has shape "
-                    f"{tuple(image.shape)}, expected ({self.pixel_mean.shape[0]}, H, W) "
+                    f"{tuple(image.shape)}, expected ({' or '.join(map(str, accepted))}, H, W) "
                     f"(INPUT.FORMAT={self.input_format!r})"
                 )
-            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+            image = image.to(self.device, torch.float32)
+            if self.luma_input and image.shape[0] == 3:
+                image = to_luma(image, self.input_format)
+            image = resize_to(image, self.fixed_size)
+            images.append((image - self.pixel_mean) / self.pixel_std)
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
         finite = torch.isfinite(images.tensor).flatten(1).all(dim=1)
         if not bool(finite.all()):
@@ -288,6 +314,20 @@ class MultiScaleSSD(nn.Module):
             bad = [name for name, ok in zip(bad, finite.tolist()) if not ok]
             raise FloatingPointError(f"Input images contain NaN or Inf: {bad}")
         return images
+
+    def ground_truth(self, batched_inputs: List[Dict], images: ImageList) -> List[Instances]:
+        """Each input's "instances" on the device, boxes scaled to the network-input frame when
+        :meth:`preprocess_image` resized the image."""
+        targets = []
+        for x, (height, width) in zip(batched_inputs, images.image_sizes):
+            gt = x["instances"].to(self.device)
+            in_height, in_width = x["image"].shape[-2:]
+            if (in_height, in_width) != (height, width):
+                gt = Instances((height, width), **gt.get_fields())
+                gt.gt_boxes = Boxes(gt.gt_boxes.tensor.clone())
+                gt.gt_boxes.scale(width / in_width, height / in_height)
+            targets.append(gt)
+        return targets
 
     def forward_head(
         self, images: ImageList
@@ -503,10 +543,11 @@ class MultiScaleSSD(nn.Module):
     def postprocess(
         results: List[Instances], batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
     ) -> List[Dict[str, Instances]]:
-        """Rescale detections from the network-input frame to each input's "height" x "width"."""
+        """Rescale detections from the network-input frame to each input's "height" x "width"
+        (default: the size of its "image", which the model may have resized)."""
         processed = []
-        for result, inputs, image_size in zip(results, batched_inputs, image_sizes):
-            height = inputs.get("height", image_size[0])
-            width = inputs.get("width", image_size[1])
+        for result, inputs in zip(results, batched_inputs):
+            height = inputs.get("height", inputs["image"].shape[-2])
+            width = inputs.get("width", inputs["image"].shape[-1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed

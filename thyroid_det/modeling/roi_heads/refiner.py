@@ -12,6 +12,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from torch import nn
 from torchvision.ops import roi_align
 
+from ..model_input import luma_enabled, to_luma
 from ..refiner_nets import build_refiner
 
 __all__ = [
@@ -143,6 +144,7 @@ class SpatialPyramidROIHeads(nn.Module):
         batch_size_per_image: int = 16,
         proposals_per_image: int = 100,
         keep_input_classes: bool = False,
+        luma_format: Optional[str] = None,
     ):
         """
         Args:
@@ -159,6 +161,8 @@ class SpatialPyramidROIHeads(nn.Module):
                 objectness first); Ec's detections are all refined.
             keep_input_classes: rescore each detection for its own class instead of taking the
                 fused argmax (for Ec with per-class NMS, MODEL.SSD.CLASS_AGNOSTIC_NMS False).
+            luma_format: "BGR" or "RGB": 3-channel crops (from a meta-architecture that kept
+                colour, e.g. GeneralizedRCNN) become one luma channel for a 1-channel refiner.
         """
         super().__init__()
         if fusion not in FUSION_MODES:
@@ -177,6 +181,7 @@ class SpatialPyramidROIHeads(nn.Module):
         self.batch_size_per_image = batch_size_per_image
         self.proposals_per_image = proposals_per_image
         self.keep_input_classes = keep_input_classes
+        self.luma_format = luma_format
         self.matcher = Matcher([detection_iou], [0, 1], allow_low_quality_matches=False)
 
     @classmethod
@@ -193,6 +198,7 @@ class SpatialPyramidROIHeads(nn.Module):
             "batch_size_per_image": cfg.MODEL.REFINER.BATCH_SIZE_PER_IMAGE,
             "proposals_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "keep_input_classes": not cfg.MODEL.SSD.CLASS_AGNOSTIC_NMS,
+            "luma_format": cfg.INPUT.FORMAT if luma_enabled(cfg) else None,
         }
 
     def forward(
@@ -261,11 +267,16 @@ class SpatialPyramidROIHeads(nn.Module):
         if labels.numel() == 0:
             # Nothing to learn from in this batch: a zero that still reaches every parameter.
             return {"loss_refiner": sum(p.sum() for p in self.refiner.parameters()) * 0.0}
-        crops = crop_and_resize(
-            images.tensor.detach(), crop_boxes, self.input_size, self.context_margin
-        )
+        crops = self.crops(images.tensor.detach(), crop_boxes)
         logits = self.refiner(crops)
         return {"loss_refiner": F.cross_entropy(logits, labels.long())}
+
+    def crops(self, images: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
+        """:func:`crop_and_resize` at the refiner's size, in its channels (see ``luma_format``)."""
+        crops = crop_and_resize(images, boxes, self.input_size, self.context_margin)
+        if self.luma_format and crops.shape[1] == 3:
+            crops = to_luma(crops, self.luma_format)
+        return crops
 
     def fine_probabilities(self, images: ImageList, boxes: List[torch.Tensor]) -> torch.Tensor:
         """Ef's class probabilities (sum Ki, 2) for every box, averaged over ``test_crops``
@@ -276,7 +287,7 @@ class SpatialPyramidROIHeads(nn.Module):
         if self.test_crops > 1:
             generator = torch.Generator(device=images.tensor.device).manual_seed(0)
             boxes = [self._with_test_jitter(b, generator) for b in boxes]
-        crops = crop_and_resize(images.tensor, boxes, self.input_size, self.context_margin)
+        crops = self.crops(images.tensor, boxes)
         probs = F.softmax(self.refiner(crops).float(), dim=1)
         return probs.view(num_boxes, self.test_crops, -1).mean(dim=1)
 
