@@ -137,7 +137,10 @@ def match_images(images, classes, labels, iou_threshold, group_by=()):
     for image_index, (record, pred) in enumerate(images):
         annotations = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
         gt = np.array(
-            [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
+            [
+                BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in annotations
+            ],
             dtype=np.float32,
         ).reshape(-1, 4)
         result = match_image(
