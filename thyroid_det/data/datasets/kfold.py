@@ -1,7 +1,9 @@
 """Stratified k-fold splits of dataset dicts for the paper's 5-fold cross-validation (VI-A)."""
 import functools
+import warnings
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = ["kfold_assign", "kfold_splits", "register_kfold_datasets"]
@@ -9,13 +11,13 @@ __all__ = ["kfold_assign", "kfold_splits", "register_kfold_datasets"]
 
 def kfold_assign(records, k=5, seed=0, positive_class=1):
     """
-    The fold (0..k-1) of each record, stratified by whether it holds a ``positive_class`` box.
+    The fold (0..k-1) of each record, stratified by whether it holds a ``positive_class`` box
+    (sklearn's ``StratifiedKFold``, shuffled with ``seed``).
 
     Each record is one unit: pass merged records (as :func:`load_tn5000` returns) so that
     copies of an image and all boxes of an image stay in one fold. The result depends only on
     the set of records (they are ordered by ``image_id`` and ``file_name`` first), ``k`` and
-    ``seed``; within each stratum the shuffled records are dealt to the folds in turn, so fold
-    sizes, and the positives in each fold, differ by at most one.
+    ``seed``; fold sizes, and the positives in each fold, differ by at most one.
 
     Returns:
         list[int]: the fold of ``records[i]``.
@@ -26,17 +28,22 @@ def kfold_assign(records, k=5, seed=0, positive_class=1):
         range(len(records)),
         key=lambda i: (str(records[i].get("image_id")), records[i]["file_name"]),
     )
-    positive = [
-        any(a["category_id"] == positive_class for a in records[i].get("annotations", []))
-        for i in range(len(records))
-    ]
-    rng = np.random.default_rng(seed)
-    folds, dealt = [0] * len(records), 0
-    for stratum in (True, False):
-        members = [i for i in order if positive[i] == stratum]
-        for j, p in enumerate(rng.permutation(len(members))):
-            folds[members[p]] = (dealt + j) % k
-        dealt += len(members)
+    positive = np.array(
+        [
+            any(a["category_id"] == positive_class for a in records[i].get("annotations", []))
+            for i in order
+        ]
+    )
+    # sklearn refuses when both strata are smaller than k: then the records are one stratum.
+    if max(positive.sum(), len(positive) - positive.sum()) < k:
+        positive = np.zeros_like(positive)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = [0] * len(records)
+    with warnings.catch_warnings():  # a stratum smaller than k: some folds lack it, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, val) in enumerate(splitter.split(np.zeros(len(order)), positive)):
+            for j in val:
+                folds[order[j]] = fold
     return folds
 
 
