@@ -13,6 +13,7 @@ from torch.nn import DataParallel
 from thyroid_det import add_mccnn_config
 from thyroid_det.engine.hooks import CascadeStageHook
 from thyroid_det.modeling.meta_arch.mccnn import MCCNN
+from thyroid_det.modeling.meta_arch.ssd import MultiScaleSSD
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
@@ -147,6 +148,21 @@ def test_inference_fields_in_the_original_frame():
             assert torch.allclose(probs.sum(dim=1), torch.ones(n), atol=1e-5)
         assert torch.equal(inst.pred_classes, inst.class_probs.argmax(dim=1))
         assert ((inst.scores >= 0) & (inst.scores <= 1)).all()
+
+
+def test_inference_without_refine_is_ec_alone():
+    """What the trainer evaluates before the refiner has trained: Ec's own detections."""
+    model = build().eval()
+    with torch.no_grad():
+        model.refine = False
+        coarse = model(batch())
+        ec = MultiScaleSSD.forward(model, batch())
+        model.refine = True
+        fused = model(batch())
+    for c, e, f in zip(coarse, ec, fused):
+        c, e, f = c["instances"], e["instances"], f["instances"]
+        assert not c.has("fine_probs") and f.has("fine_probs")
+        assert torch.equal(c.scores, e.scores) and torch.equal(c.pred_boxes.tensor, e.pred_boxes.tensor)
 
 
 def test_unknown_schedule_and_stage_are_rejected():

@@ -1,4 +1,6 @@
 """detectron2's DefaultTrainer with thyroid_det's mapper, evaluators and cascade schedule."""
+import contextlib
+import functools
 import os
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -10,7 +12,12 @@ from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators
 from .checkpoint import Checkpointer
 from .ema import ModelEMAHook
-from .hooks import CascadeStageHook, TrainingProgressHook, build_cascade_lr_scheduler
+from .hooks import (
+    CascadeStageHook,
+    TrainingProgressHook,
+    _trained_model,
+    build_cascade_lr_scheduler,
+)
 
 
 class Trainer(DefaultTrainer):
@@ -55,29 +62,34 @@ class Trainer(DefaultTrainer):
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_cascade_lr_scheduler(cfg, optimizer)
 
+    def test_during_training(self, ema=None):
+        """The periodic evaluation: of the weight average when there is one, and of Ec alone
+        while the sequential cascade has not started training its refiner."""
+        model = _trained_model(self)
+        refine = getattr(model, "refine", None)
+        with ema.applied(self.model) if ema is not None else contextlib.nullcontext():
+            if refine is not None:
+                model.refine = model.stage != "detector"
+            try:
+                results = self.test(self.cfg, self.model)
+            finally:
+                if refine is not None:
+                    model.refine = refine
+        # detectron2 0.6's train() verifies and returns this private attribute; no hook.
+        self._last_eval_results = results
+        return results
+
     def build_hooks(self):
         # Before the hooks take it: atomic saves, and a resume that survives a corrupt checkpoint.
         self.checkpointer = Checkpointer(
             self.checkpointer.model, self.checkpointer.save_dir, **self.checkpointer.checkpointables
         )
         ret = super().build_hooks()
-        ema = None
-        if self.cfg.SOLVER.EMA.ENABLED:
-            ema = ModelEMAHook(self.cfg.SOLVER.EMA.DECAY)
-
-            def test_with_ema():
-                with ema.applied(self.model):
-                    results = self.test(self.cfg, self.model)
-                # detectron2 0.6's train() verifies and returns this private attribute; no hook.
-                self._last_eval_results = results
-                return results
-
-            ret = [
-                hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_with_ema)
-                if isinstance(h, hooks.EvalHook)
-                else h
-                for h in ret
-            ]
+        ema = ModelEMAHook(self.cfg.SOLVER.EMA.DECAY) if self.cfg.SOLVER.EMA.ENABLED else None
+        test = functools.partial(self.test_during_training, ema)
+        ret = [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test) if isinstance(h, hooks.EvalHook) else h
+               for h in ret]
+        if ema is not None:
             ret.insert(0, ema)  # before the checkpointer, which then saves the average
         if self.cfg.MODEL.META_ARCHITECTURE == "MCCNN":
             ret.insert(0, CascadeStageHook(ema))

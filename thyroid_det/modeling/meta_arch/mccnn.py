@@ -74,6 +74,9 @@ class MCCNN(MultiScaleSSD):
         self.refiner_loss_weight = refiner_loss_weight
         self.stage = "joint" if schedule == "joint" else "detector"
         self._frozen_params: List[nn.Parameter] = []
+        # Inference runs the refiner; the trainer turns it off to evaluate Ec alone while the
+        # sequential schedule has not trained the refiner yet.
+        self.refine = True
 
     @classmethod
     def from_config(cls, cfg):
@@ -158,9 +161,12 @@ class MCCNN(MultiScaleSSD):
         return losses
 
     def inference(self, batched_inputs: List[Dict]):
-        """The whole cascade: Ec's detections refined and rescored by the ROI heads."""
+        """The whole cascade: Ec's detections refined and rescored by the ROI heads (Ec's own
+        detections when ``refine`` is off)."""
         images = self.preprocess_image(batched_inputs)
         features, pred_logits, pred_deltas, anchors = self.forward_head(images)
         detections = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
+        if not self.refine:
+            return self.postprocess(detections, batched_inputs, images.image_sizes)
         results, _ = self.roi_heads(images, features, detections)
         return self.postprocess(results, batched_inputs, images.image_sizes)
