@@ -233,7 +233,7 @@ def test_sequential_lr_schedule_restarts_for_the_refiner():
     expected = {0: 1e-4, 20: 0.1, 60: 0.01, 99: 0.01, 100: 1e-4, 110: 0.1, 124: 0.1, 125: 0.01, 149: 0.01}
     for it, lr in expected.items():
         assert lrs[it] == pytest.approx(lr, rel=1e-6), it
-    # The split of configs/mccnn_cpu.yaml is not exact in floating point; the last step must work.
+    # A split that is not exact in floating point (700 of 850): the last step must work.
     cfg.MODEL.MCCNN.DETECTOR_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 700, 850, (550,)
     assert _lr_after(cfg, 850) == pytest.approx(0.01)
     cfg.MODEL.MCCNN.DETECTOR_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 100, 150, (50,)
@@ -251,3 +251,19 @@ def _lr_after(cfg, steps):
         optimizer.step()
         scheduler.step()
     return optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("name", ["mccnn.yaml", "mccnn_long.yaml", "mccnn_cpu.yaml"])
+def test_shipped_recipes_cosine_decay_then_restart_for_the_refiner(name):
+    """The from-scratch recipes: cosine to ~0 over Ec's stage, warm-up and cosine again for the
+    refiner, and the very last step works."""
+    cfg = get_cfg()
+    add_mccnn_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR" and cfg.SOLVER.EMA.ENABLED
+    detector, total, base = cfg.MODEL.MCCNN.DETECTOR_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR
+    assert _lr_after(cfg, detector // 2) == pytest.approx(base / 2, rel=0.05)
+    assert _lr_after(cfg, detector - 1) < base * 1e-3
+    assert _lr_after(cfg, detector) < base * 0.01  # the refiner's warm-up starts low
+    assert _lr_after(cfg, detector + (total - detector) // 2) == pytest.approx(base / 2, rel=0.1)
+    assert _lr_after(cfg, total) < base * 1e-3
