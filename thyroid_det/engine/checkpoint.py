@@ -6,6 +6,9 @@
   own message advises ``weights_only=False``, unsafe for a file of unknown origin: never taken).
 * ``resume_or_load(resume=True)`` reports a checkpoint it cannot read and resumes from the
   newest earlier one that it can.
+* ``MODEL.WEIGHTS`` may be torchvision's ImageNet VGG-16 state dict (``vgg16().state_dict()``
+  saved with ``torch.save``): it is converted on load into the model's VGG-16 backbone
+  (:mod:`thyroid_det.modeling.backbone.vgg_imagenet`), and a log line says what stayed random.
 * :func:`load_inference_weights` refuses a checkpoint that leaves model weights uninitialised:
   a model with random weights would still draw confident boxes.
 """
@@ -16,6 +19,7 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..modeling.backbone.vgg_imagenet import imagenet_vgg16_model_weights, is_imagenet_vgg16
 from ..utils.file_io import atomic_path, atomic_write_text
 
 __all__ = ["CheckpointError", "Checkpointer", "load_inference_weights"]
@@ -73,10 +77,18 @@ class Checkpointer(DetectionCheckpointer):
 
     def _load_file(self, filename):
         try:
-            return super()._load_file(filename)
+            loaded = super()._load_file(filename)
         except Exception as e:  # torch.load and pickle raise many types for a bad file
             reason = _reason(e)
             raise CheckpointError(f"{filename} is not a readable checkpoint ({reason})") from None
+        if is_imagenet_vgg16(loaded.get("model")):
+            try:
+                weights, summary = imagenet_vgg16_model_weights(self.model, loaded["model"])
+            except ValueError as e:
+                raise CheckpointError(f"{filename}: {e}") from None
+            logger.info(summary)
+            loaded = {"model": weights, "__author__": "torchvision (ImageNet VGG-16, converted)"}
+        return loaded
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
