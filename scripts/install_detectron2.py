@@ -11,6 +11,11 @@ repository. This script therefore:
    applies the compatibility edits listed in ``PATCHES``, and installs it with pip;
 3. ends with a check that imports detectron2's modeling, data, engine and evaluation.
 
+With ``--source DIR`` (or ``DETECTRON2_SOURCE=DIR``), a local clone of detectron2 (0.6 or main)
+is installed instead, by detectron2's official route, ``pip install -e DIR`` (without build
+isolation, so that the build sees the environment's torch); it builds detectron2's C++ ops where
+a compiler is there, and later runs keep it (step 1).
+
 What the edits change, and why (each is applied to the unpacked sdist, never to this repo):
 
 * ``setup.py``: no C++/CUDA extension is built. The sdist ships without
@@ -23,6 +28,8 @@ What the edits change, and why (each is applied to the unpacked sdist, never to 
   ImportError`` (as current detectron2 does), so ``import detectron2.modeling`` works without
   the compiled extension. ``COCOEvaluator`` must then run with ``use_fast_impl=False``;
   thyroid_det decides that from whether ``detectron2._C`` imports.
+* ``detectron2/export/__init__.py`` imports its caffe2 API only when caffe2 is there (as current
+  detectron2 does), so ``from detectron2.export import TracingAdapter`` works.
 * NumPy >= 1.24 removed the aliases ``np.bool``, ``np.int``, ``np.float``, ``np.str`` and
   ``np.object``; they are replaced by the builtins they always meant (the one in
   data/build.py breaks the training loader).
@@ -30,7 +37,7 @@ What the edits change, and why (each is applied to the unpacked sdist, never to 
 * model_zoo/model_zoo.py used ``pkg_resources``, which recent setuptools no longer ships;
   the bundled config path is computed from the package folder instead.
 
-Usage: ``python scripts/install_detectron2.py [--force]``
+Usage: ``python scripts/install_detectron2.py [--force] [--source DIR]``
 """
 import argparse
 import hashlib
@@ -51,6 +58,9 @@ SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache")
 
 _GUARDED_C_IMPORT = "try:\n    from detectron2 import _C\nexcept ImportError:  # built without C++ ops\n    _C = None\n"
+# detectron2/export's caffe2 API is optional, as in current detectron2: TracingAdapter and
+# TorchScript export need no caffe2 (which torch no longer ships).
+_GUARDED_CAFFE2_API = "try:\n    from .api import *\nexcept ImportError:  # no caffe2\n    pass\n"
 
 # (path inside the sdist, regex, replacement, count that must be replaced (None: at least one))
 PATCHES = [
@@ -60,6 +70,7 @@ PATCHES = [
     ("detectron2/layers/roi_align_rotated.py", r"^from detectron2 import _C\n", _GUARDED_C_IMPORT, 1),
     ("detectron2/layers/rotated_boxes.py", r"^from detectron2 import _C\n", _GUARDED_C_IMPORT, 1),
     ("detectron2/evaluation/fast_eval_api.py", r"^from detectron2 import _C\n", _GUARDED_C_IMPORT, 1),
+    ("detectron2/export/__init__.py", r"^from \.api import \*\n", _GUARDED_CAFFE2_API, 1),
     ("detectron2/data/transforms/transform.py", r"Image\.LINEAR\b", "Image.BILINEAR", None),
     ("detectron2/model_zoo/model_zoo.py", r"^import pkg_resources\n", "", 1),
     (
@@ -187,6 +198,31 @@ def install():
         f.write(patch_fingerprint() + "\n")
 
 
+def source_checkout(path):
+    """``path`` if it is a detectron2 source checkout (setup.py and detectron2/), else exit."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not (
+        os.path.isfile(os.path.join(path, "setup.py"))
+        and os.path.isfile(os.path.join(path, "detectron2", "__init__.py"))
+    ):
+        sys.exit(
+            f"[install_detectron2] {path} is not a detectron2 source checkout (no setup.py and "
+            "detectron2/__init__.py): git clone https://github.com/facebookresearch/detectron2"
+        )
+    return path
+
+
+def install_from_source(path):
+    """detectron2's official install of a clone: ``pip install -e``; the clone is then a
+    detectron2 "not installed by this script", kept by later runs."""
+    log(f"pip install -e {path} (detectron2 from a local source checkout)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", path], check=True
+    )
+    if os.path.exists(marker_path()):
+        os.remove(marker_path())
+
+
 def check():
     code = (
         "import detectron2, detectron2.modeling, detectron2.data, detectron2.engine, "
@@ -197,12 +233,21 @@ def check():
     log("check passed: modeling, data, engine and evaluation import")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--force", action="store_true", help="reinstall the patched 0.6 even if detectron2 imports")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--source",
+        default=os.environ.get("DETECTRON2_SOURCE") or None,
+        metavar="DIR",
+        help="install this local detectron2 clone with pip install -e (default: $DETECTRON2_SOURCE; "
+        "unset: the patched 0.6 sdist)",
+    )
+    args = ap.parse_args(argv)
     ours = installed_by_us()
-    if args.force or not detectron2_present():
+    if args.source:
+        install_from_source(source_checkout(args.source))
+    elif args.force or not detectron2_present():
         install()
     elif ours is None:
         log("detectron2 is already installed (not by this script): keeping it as is")

@@ -76,6 +76,7 @@ def test_detectron2_patches_apply_to_the_pinned_sdist(tmp_path):
     assert "np.int)" not in text and "dtype=int" in text
     assert "_C = None" in (src / "detectron2/layers/deform_conv.py").read_text()
     assert "ext_modules=[]" in (src / "setup.py").read_text()
+    assert "except ImportError" in (src / "detectron2/export/__init__.py").read_text()
 
 
 def test_patch_mismatch_is_reported(tmp_path):
@@ -83,6 +84,57 @@ def test_patch_mismatch_is_reported(tmp_path):
     (tmp_path / "setup.py").write_text("nothing to patch here\n")
     with pytest.raises(SystemExit, match="setup.py matched 0 times"):
         script.apply_patches(str(tmp_path))
+
+
+@pytest.fixture
+def recorded_pip(monkeypatch, tmp_path):
+    """The install script with pip and the import check recorded instead of run, and its
+    marker file in tmp_path."""
+    script = _install_script()
+    commands = []
+    monkeypatch.setattr(script.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    monkeypatch.setattr(script, "marker_path", lambda: str(tmp_path / "marker"))
+    monkeypatch.delenv("DETECTRON2_SOURCE", raising=False)
+    return script, commands
+
+
+def fake_checkout(root):
+    (root / "detectron2").mkdir(parents=True)
+    (root / "detectron2" / "__init__.py").write_text("")
+    (root / "setup.py").write_text("")
+    return root
+
+
+def test_install_from_a_source_checkout_by_option_or_env(recorded_pip, tmp_path, monkeypatch):
+    script, commands = recorded_pip
+    clone = fake_checkout(tmp_path / "detectron2")
+    (tmp_path / "marker").write_text("old fingerprint\n")
+    script.main(["--source", str(clone)])
+    pip, check = commands
+    assert pip[1:] == ["-m", "pip", "install", "--no-build-isolation", "-e", str(clone)]
+    assert "import detectron2" in check[-1]
+    assert not (tmp_path / "marker").exists()  # a source build is kept as is by later runs
+
+    commands.clear()
+    monkeypatch.setenv("DETECTRON2_SOURCE", str(clone))
+    script.main([])
+    assert commands[0][-2:] == ["-e", str(clone)]
+
+
+def test_source_option_rejects_a_folder_that_is_not_detectron2(recorded_pip, tmp_path):
+    script, commands = recorded_pip
+    with pytest.raises(SystemExit, match="not a detectron2 source checkout"):
+        script.main(["--source", str(tmp_path)])
+    assert commands == []
+
+
+def test_without_a_source_the_patched_sdist_is_the_default(recorded_pip, monkeypatch):
+    script, commands = recorded_pip
+    installs = []
+    monkeypatch.setattr(script, "detectron2_present", lambda: False)
+    monkeypatch.setattr(script, "install", lambda: installs.append("sdist"))
+    script.main([])
+    assert installs == ["sdist"] and len(commands) == 1  # the import check only
 
 
 def test_install_check_passes():

@@ -51,8 +51,10 @@ def model_input_channels(cfg) -> int:
 
 def resize_to(image: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
     """(C, H, W) float image resized to ``size`` (bilinear, antialiased when shrinking, which is
-    what PIL's bilinear resize in the data mapper does); unchanged when already that size."""
-    if size is None or tuple(image.shape[-2:]) == tuple(size):
+    what PIL's bilinear resize in the data mapper does); unchanged when already that size.
+    Under ``torch.jit.trace`` the resize is always recorded (at the same size it is the
+    identity), so a traced model takes inputs of any size."""
+    if size is None or (tuple(image.shape[-2:]) == tuple(size) and not torch.jit.is_tracing()):
         return image
     return F.interpolate(
         image[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True

@@ -511,7 +511,10 @@ class MultiScaleSSD(nn.Module):
         else:
             anchor_idxs, classes = nonzero_tuple(fg_probs > self.test_score_thresh)
             scores = fg_probs[anchor_idxs, classes]
-        scores, order = scores.topk(min(self.test_topk_candidates, scores.numel()))
+        # sort and slice rather than topk(min(k, numel)): the same candidates, and a traced
+        # model (detectron2.export) keeps working when fewer than k pass the threshold.
+        scores, order = scores.sort(descending=True, stable=True)
+        scores, order = scores[: self.test_topk_candidates], order[: self.test_topk_candidates]
         anchor_idxs, classes = anchor_idxs[order], classes[order]
 
         boxes = Boxes(

@@ -289,7 +289,7 @@ class SpatialPyramidROIHeads(nn.Module):
             boxes = [self._with_test_jitter(b, generator) for b in boxes]
         crops = self.crops(images.tensor, boxes)
         probs = F.softmax(self.refiner(crops).float(), dim=1)
-        return probs.view(num_boxes, self.test_crops, -1).mean(dim=1)
+        return probs.view(-1, self.test_crops, probs.shape[1]).mean(dim=1)
 
     def _with_test_jitter(self, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Each box followed by its ``test_crops - 1`` jittered copies, (K * test_crops, 4)."""
@@ -300,7 +300,8 @@ class SpatialPyramidROIHeads(nn.Module):
     def inference(self, images: ImageList, proposals: List[Instances]) -> List[Instances]:
         inputs = [self._select_inputs(p) for p in proposals]
         fine = self.fine_probabilities(images, [self._input_boxes(p).tensor for p in inputs])
-        fine = fine.split([len(p) for p in inputs])
+        # One image needs no split, which keeps a traced model's detection count dynamic.
+        fine = fine.split([len(p) for p in inputs]) if len(inputs) > 1 else [fine]
         return [self._fuse(p, f) for p, f in zip(inputs, fine)]
 
     def _select_inputs(self, instances: Instances) -> Instances:
