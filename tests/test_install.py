@@ -33,7 +33,7 @@ def test_plugin_registers_its_components():
     assert "MCCNN" in META_ARCH_REGISTRY
     assert "build_vgg16_ssd_backbone" in BACKBONE_REGISTRY
     assert "NodulePriorAnchorGenerator" in ANCHOR_GENERATOR_REGISTRY
-    assert "SpatialPyramidROIHeads" in ROI_HEADS_REGISTRY
+    assert {"RefinerROIHeads", "SpatialPyramidROIHeads"} <= set(dict(ROI_HEADS_REGISTRY))
     for name in ("AlexNetSPConv5", "AlexNetSPPool5", "AlexNet", "GoogLeNet"):
         assert name in REFINER_REGISTRY
     registered = DatasetCatalog.list()

@@ -20,7 +20,7 @@ from thyroid_det import add_mccnn_config
 from thyroid_det.engine import Predictor
 from thyroid_det.modeling.anchor_generator import NodulePriorAnchorGenerator
 from thyroid_det.modeling.meta_arch import MCCNN, MultiScaleSSD
-from thyroid_det.modeling.roi_heads import SpatialPyramidROIHeads
+from thyroid_det.modeling.roi_heads import RefinerROIHeads
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs")
 SIZE = 128
@@ -128,7 +128,7 @@ def test_config_builds_the_intended_model(predictor):
     convs = [m for m in pred.model.backbone.modules() if isinstance(m, nn.Conv2d)]
     assert min(c.in_channels for c in convs) == channels
     if name == "rcnn_spatial_pyramid_R50_FPN.yaml":
-        assert isinstance(pred.model.roi_heads, SpatialPyramidROIHeads)
+        assert isinstance(pred.model.roi_heads, RefinerROIHeads)
     if name in ("retinanet_vgg16_nodule_priors.yaml", "mssd_R50_FPN.yaml"):
         assert isinstance(pred.model.anchor_generator, NodulePriorAnchorGenerator)
 
@@ -152,7 +152,7 @@ def test_training_step_reaches_every_part(predictor):
     expected = {"backbone"}
     if isinstance(model, GeneralizedRCNN):
         expected |= {"proposal_generator", "roi_heads"}
-        assert ("loss_refiner" in losses) == isinstance(model.roi_heads, SpatialPyramidROIHeads)
+        assert ("loss_refiner" in losses) == isinstance(model.roi_heads, RefinerROIHeads)
     else:  # SSD and RetinaNet; the cascade's first stage trains Ec alone
         expected |= {"head"}
     assert expected <= with_grad, f"{name}: no gradient reached {expected - with_grad}"
@@ -163,7 +163,7 @@ def test_predictor_outputs_are_in_the_original_frame(predictor):
     name, pred = predictor
     image = grayscale_image()
     inst = pred(image)["instances"]
-    refined = isinstance(getattr(pred.model, "roi_heads", None), SpatialPyramidROIHeads)
+    refined = isinstance(getattr(pred.model, "roi_heads", None), RefinerROIHeads)
     if refined:
         extra = ("class_probs", "coarse_probs", "fine_probs")
     else:

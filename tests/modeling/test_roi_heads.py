@@ -1,4 +1,4 @@
-"""SpatialPyramidROIHeads: crops, fusion, training crops, inference fields, RPN proposals."""
+"""RefinerROIHeads: crops, fusion, training crops, inference fields, RPN proposals."""
 import math
 
 import pytest
@@ -11,8 +11,9 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from thyroid_det import add_mccnn_config
+from thyroid_det.modeling.meta_arch.mccnn import detections_to_proposals
 from thyroid_det.modeling.roi_heads.refiner import (
-    SpatialPyramidROIHeads,
+    RefinerROIHeads,
     crop_and_resize,
     fuse_probabilities,
     jitter_boxes,
@@ -45,18 +46,19 @@ class MeanIntensity(nn.Module):
 
 
 def heads(refiner, **kwargs):
-    args = dict(refiner=refiner, input_size=16, context_margin=0.0, gt_jitter_copies=2, gt_jitter=0.1)
+    args = dict(refiner=refiner, num_classes=2, input_size=16, context_margin=0.0, gt_jitter_copies=2, gt_jitter=0.1)
     args.update(kwargs)
-    return SpatialPyramidROIHeads(**args)
+    return RefinerROIHeads(**args)
 
 
 def detections(boxes, scores, classes, class_probs, image_size=(64, 64)):
+    """Ec-style detections, as the proposals MCCNN hands the heads."""
     inst = Instances(image_size)
     inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
     inst.scores = torch.tensor(scores, dtype=torch.float32)
     inst.pred_classes = torch.tensor(classes, dtype=torch.int64)
     inst.class_probs = torch.tensor(class_probs, dtype=torch.float32).view(-1, 2)
-    return inst
+    return detections_to_proposals([inst])[0]
 
 
 def targets(boxes, classes, image_size=(64, 64)):
@@ -256,7 +258,8 @@ def test_training_loss_backward_and_empty_batch():
 def refiner_cfg():
     cfg = get_cfg()
     add_mccnn_config(cfg)
-    cfg.MODEL.ROI_HEADS.NAME = "SpatialPyramidROIHeads"
+    cfg.MODEL.ROI_HEADS.NAME = "RefinerROIHeads"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
     cfg.MODEL.REFINER.WIDTH_MULT = 0.125
     cfg.MODEL.REFINER.FC_DIM = 16
     cfg.MODEL.REFINER.INPUT_SIZE = 64
@@ -304,3 +307,14 @@ def test_under_generalized_rcnn():
     assert out.image_size == (192, 256) and len(out) <= 10
     assert torch.allclose(out.class_probs, out.fine_probs)
     assert out.pred_classes.dtype == torch.int64 and out.scores.shape == (len(out),)
+
+
+def test_former_name_still_builds_the_same_heads():
+    """Configs and checkpoints that name SpatialPyramidROIHeads keep loading."""
+    cfg = refiner_cfg()
+    new = build_roi_heads(cfg, None)
+    cfg.MODEL.ROI_HEADS.NAME = "SpatialPyramidROIHeads"
+    old = build_roi_heads(cfg, None)
+    assert isinstance(old, RefinerROIHeads)
+    assert old.state_dict().keys() == new.state_dict().keys()
+    old.load_state_dict(new.state_dict())

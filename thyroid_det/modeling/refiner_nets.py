@@ -34,17 +34,18 @@ REFINER_REGISTRY = Registry("REFINER")
 REFINER_REGISTRY.__doc__ = """
 Registry for the refiner (fine recognition) networks of MC-CNN's cascade.
 
-The registered object is called with `obj(cfg)` and must return an nn.Module with
-`forward(crops) -> logits (N, 2)`, `features(crops) -> (N, D)` and an int attribute
+The registered object is called with `obj(cfg, num_classes=K)` and must return an nn.Module with
+`forward(crops) -> logits (N, K)`, `features(crops) -> (N, D)` and an int attribute
 `feature_dim` (= D).
 """
 
 ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
 
 
-def build_refiner(cfg):
-    """Build the refiner network named by ``cfg.MODEL.REFINER.NAME``."""
-    return REFINER_REGISTRY.get(cfg.MODEL.REFINER.NAME)(cfg)
+def build_refiner(cfg, num_classes: int = 2):
+    """Build the refiner network named by ``cfg.MODEL.REFINER.NAME``, with ``num_classes``
+    logits."""
+    return REFINER_REGISTRY.get(cfg.MODEL.REFINER.NAME)(cfg, num_classes=num_classes)
 
 
 def _norm(norm: str, channels: int) -> Optional[nn.Module]:
@@ -182,11 +183,11 @@ class AlexNet(nn.Module):
         nn.init.constant_(self.cls_score.bias, 0.0)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, num_classes: int = 2):
         mult = cfg.MODEL.REFINER.WIDTH_MULT
         return {
             "in_channels": model_input_channels(cfg),
-            "num_classes": 2,
+            "num_classes": num_classes,
             "channels": [max(8, int(round(c * mult / 8)) * 8) for c in ALEXNET_CHANNELS],
             "fc_dim": cfg.MODEL.REFINER.FC_DIM,
             "dropout": cfg.MODEL.REFINER.DROPOUT,
@@ -213,7 +214,7 @@ class AlexNet(nn.Module):
         return F.relu(self.fc7(self.dropout(x)))
 
     def forward(self, x):
-        """Logits (N, 2) over [benign, malignant]."""
+        """Logits (N, num_classes), e.g. over [benign, malignant]."""
         return self.cls_score(self.features(x))
 
 
@@ -288,10 +289,10 @@ class GoogLeNet(nn.Module):
         self.feature_dim = self.cls_score.in_features
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, num_classes: int = 2):
         return {
             "in_channels": model_input_channels(cfg),
-            "num_classes": 2,
+            "num_classes": num_classes,
             "norm": cfg.MODEL.REFINER.NORM,
         }
 
@@ -300,5 +301,5 @@ class GoogLeNet(nn.Module):
         return self.net(x)
 
     def forward(self, x):
-        """Logits (N, 2) over [benign, malignant]."""
+        """Logits (N, num_classes), e.g. over [benign, malignant]."""
         return self.cls_score(self.features(x))

@@ -6,20 +6,47 @@ from typing import Dict, List
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.structures import Instances
 from torch import nn
 
 from .ssd import MultiScaleSSD
 
-__all__ = ["MCCNN"]
+__all__ = ["MCCNN", "detections_to_proposals"]
 
 logger = logging.getLogger(__name__)
+
+
+def detections_to_proposals(detections: List[Instances]) -> List[Instances]:
+    """Ec's detections as detectron2-style proposals for the ROI heads: ``proposal_boxes``,
+    ``objectness_logits`` (the logit of P(nodule)), ``class_probs`` (P(class | nodule)) and
+    ``pred_classes``.
+
+    Ec scores a detection P(nodule) * P(class | nodule) (:meth:`MultiScaleSSD.ssd_inference`),
+    so P(nodule) is its score over the class probability of its class (at most 1: under the
+    sigmoid focal loss the per-class probabilities need not sum to 1).
+    """
+    proposals = []
+    for det in detections:
+        class_conf = det.class_probs.gather(1, det.pred_classes.long()[:, None])[:, 0]
+        nodule_prob = (det.scores / class_conf.clamp(min=1e-12)).clamp(max=1.0)
+        proposals.append(
+            Instances(
+                det.image_size,
+                proposal_boxes=det.pred_boxes,
+                objectness_logits=torch.logit(nodule_prob),
+                class_probs=det.class_probs,
+                pred_classes=det.pred_classes,
+            )
+        )
+    return proposals
 
 
 @META_ARCH_REGISTRY.register()
 class MCCNN(MultiScaleSSD):
     """Ec (:class:`MultiScaleSSD`) followed by ROI heads that crop its detections from the input
-    image and refine their class (:class:`SpatialPyramidROIHeads`).
+    image and refine their class (:class:`RefinerROIHeads`), fed through
+    :func:`detections_to_proposals`.
 
     Training schedules:
 
@@ -56,8 +83,8 @@ class MCCNN(MultiScaleSSD):
     ):
         """
         Args:
-            roi_heads: the second stage; called as ``roi_heads(images, features, detections,
-                targets)`` and returning (instances, losses), e.g. SpatialPyramidROIHeads.
+            roi_heads: the second stage; called as ``roi_heads(images, features, proposals,
+                targets)`` and returning (instances, losses), e.g. RefinerROIHeads.
             schedule: "sequential" or "joint".
             detector_iters: sequential schedule: iterations of stage "detector" before "refiner".
             refiner_loss_weight: joint schedule: weight of the refiner's losses.
@@ -81,9 +108,16 @@ class MCCNN(MultiScaleSSD):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
+        # Ec proposes: the heads take its class count and, with per-class NMS, its classes.
+        roi_heads = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)(
+            cfg,
+            ret["backbone"].output_shape(),
+            num_classes=cfg.MODEL.SSD.NUM_CLASSES,
+            keep_input_classes=not cfg.MODEL.SSD.CLASS_AGNOSTIC_NMS,
+        )
         ret.update(
             {
-                "roi_heads": build_roi_heads(cfg, ret["backbone"].output_shape()),
+                "roi_heads": roi_heads,
                 "schedule": cfg.MODEL.MCCNN.SCHEDULE,
                 "detector_iters": cfg.MODEL.MCCNN.DETECTOR_ITERS,
                 "refiner_loss_weight": cfg.MODEL.MCCNN.REFINER_LOSS_WEIGHT,
@@ -155,7 +189,8 @@ class MCCNN(MultiScaleSSD):
             losses.update(self.ssd_losses(anchors, pred_logits, pred_deltas, gt_instances))
         if self.stage != "detector":
             detections = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
-            _, refiner_losses = self.roi_heads(images, features, detections, gt_instances)
+            proposals = detections_to_proposals(detections)
+            _, refiner_losses = self.roi_heads(images, features, proposals, gt_instances)
             weight = self.refiner_loss_weight if self.stage == "joint" else 1.0
             losses.update({k: v * weight for k, v in refiner_losses.items()})
         return losses
@@ -168,5 +203,5 @@ class MCCNN(MultiScaleSSD):
         detections = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
         if not self.refine:
             return self.postprocess(detections, batched_inputs, images.image_sizes)
-        results, _ = self.roi_heads(images, features, detections)
+        results, _ = self.roi_heads(images, features, detections_to_proposals(detections))
         return self.postprocess(results, batched_inputs, images.image_sizes)

@@ -1,2 +1,6 @@
 """ROI heads registered with detectron2's ROI_HEADS_REGISTRY."""
-from .refiner import SpatialPyramidROIHeads, fuse_probabilities  # noqa: F401  (registers)
+from .refiner import (  # noqa: F401  (registers)
+    RefinerROIHeads,
+    SpatialPyramidROIHeads,
+    fuse_probabilities,
+)

@@ -16,6 +16,7 @@ from ..model_input import luma_enabled, to_luma
 from ..refiner_nets import build_refiner
 
 __all__ = [
+    "RefinerROIHeads",
     "SpatialPyramidROIHeads",
     "FUSION_MODES",
     "fuse_probabilities",
@@ -101,32 +102,34 @@ def crop_and_resize(
 
 
 @ROI_HEADS_REGISTRY.register()
-class SpatialPyramidROIHeads(nn.Module):
-    """The cascade's second stage: crop, refine (Ef), fuse.
+class RefinerROIHeads(nn.Module):
+    """The cascade's second stage: crop, refine (Ef, any network of REFINER_REGISTRY), fuse.
 
-    Inputs are either Ec's detections (``pred_boxes``, ``scores``, ``pred_classes``,
-    ``class_probs``) or detectron2 RPN proposals (``proposal_boxes``, ``objectness_logits``),
-    in the coordinates of ``images.tensor``. Crops are taken from the normalised input image,
-    not from feature maps: Ef is a separate network (paper Fig. 2).
+    Inputs are detectron2-style proposals, as :class:`StandardROIHeads` takes them, so one path
+    serves Ec (see :func:`thyroid_det.modeling.meta_arch.mccnn.detections_to_proposals`),
+    detectron2's RPN or any other proposal source: ``proposal_boxes`` and ``objectness_logits``
+    (the logit of P(nodule)) in the coordinates of ``images.tensor``; optionally
+    ``class_probs`` (N, num_classes), the proposer's P(class | nodule), and ``pred_classes``.
+    Crops are taken from the normalised input image, not from feature maps: Ef is a separate
+    network (paper Fig. 2).
 
     Training: the crops of an image are its ground-truth boxes, ``gt_jitter_copies`` jittered
-    copies of each, and the inputs that match a ground truth with IoU >= ``detection_iou``
+    copies of each, and the proposals that match a ground truth with IoU >= ``detection_iou``
     (labelled with that ground truth's class), at most ``batch_size_per_image`` of them,
-    ground-truth boxes first. Ef has no background class, so unmatched inputs are not used.
+    ground-truth boxes first. Ef has no background class, so unmatched proposals are not used.
     Loss: cross-entropy, "loss_refiner".
 
-    Inference: every input box is kept, with its box unchanged; the output adds
-    ``coarse_probs`` (Ec's class_probs; uniform for RPN proposals, which carry none),
-    ``fine_probs`` (Ef's softmax, averaged over ``test_crops`` crops) and ``class_probs``
-    (their fusion, see :func:`fuse_probabilities`), all (N, 2) over [benign, malignant].
+    Inference: the ``proposals_per_image`` proposals of highest objectness are kept, with their
+    boxes unchanged; the output adds ``coarse_probs`` (the proposals' class_probs; uniform when
+    they carry none), ``fine_probs`` (Ef's softmax, averaged over ``test_crops`` crops) and
+    ``class_probs`` (their fusion, see :func:`fuse_probabilities`; the fine distribution when
+    the proposals carry no class_probs, whatever ``fusion`` says), all (N, num_classes).
     ``pred_classes`` is the argmax of the fused distribution (with ``keep_input_classes``, for
-    per-class NMS where a box may come once per class, each detection keeps its class instead)
-    and ``scores = P(nodule) * fused[pred_class]``: the probability of "a nodule of this class",
-    which ranks a class's detections for COCO AP by both how sure the detector is that there is
-    a nodule and how sure the cascade is of its type. P(nodule) is Ec's foreground probability,
-    ``scores / class_probs[pred_class]`` of its detections (Ec scores a box
-    P(nodule) * P(class | nodule)); for RPN proposals it is sigmoid(objectness) and the fused
-    distribution is the fine one whatever ``fusion`` says. Outputs are sorted by score.
+    per-class NMS where a box may come once per class, each proposal keeps its ``pred_classes``
+    instead) and ``scores = sigmoid(objectness_logits) * fused[pred_class]``: the probability
+    of "a nodule of this class", which ranks a class's detections for COCO AP by both how sure
+    the proposer is that there is a nodule and how sure the cascade is of its type. Outputs are
+    sorted by score.
     """
 
     @configurable
@@ -134,6 +137,7 @@ class SpatialPyramidROIHeads(nn.Module):
         self,
         *,
         refiner: nn.Module,
+        num_classes: int,
         input_size: int,
         context_margin: float,
         fusion: str = "product",
@@ -148,7 +152,9 @@ class SpatialPyramidROIHeads(nn.Module):
     ):
         """
         Args:
-            refiner: network mapping (N, C, S, S) crops to (N, 2) logits (see refiner_nets).
+            refiner: network mapping (N, C, S, S) crops to (N, num_classes) logits (see
+                refiner_nets).
+            num_classes: classes of the refiner and of the proposals' class_probs.
             input_size: crop side S.
             context_margin: context around each box, as a fraction of its longer side per side.
             fusion: one of FUSION_MODES.
@@ -157,10 +163,11 @@ class SpatialPyramidROIHeads(nn.Module):
             gt_jitter: jitter scale (fraction of the box's size), for training and test crops.
             detection_iou: IoU with a ground truth above which an input box is a training crop.
             batch_size_per_image: maximum training crops per image.
-            proposals_per_image: RPN proposals refined per image at inference (highest
-                objectness first); Ec's detections are all refined.
-            keep_input_classes: rescore each detection for its own class instead of taking the
-                fused argmax (for Ec with per-class NMS, MODEL.SSD.CLASS_AGNOSTIC_NMS False).
+            proposals_per_image: proposals refined per image at inference (highest objectness
+                first).
+            keep_input_classes: rescore each proposal for its own ``pred_classes`` instead of
+                taking the fused argmax (for a proposer with per-class NMS, such as Ec with
+                MODEL.SSD.CLASS_AGNOSTIC_NMS False).
             luma_format: "BGR" or "RGB": 3-channel crops (from a meta-architecture that kept
                 colour, e.g. GeneralizedRCNN) become one luma channel for a 1-channel refiner.
         """
@@ -172,6 +179,7 @@ class SpatialPyramidROIHeads(nn.Module):
         if test_crops < 1:
             raise ValueError(f"MODEL.REFINER.TEST_CROPS must be >= 1, got {test_crops}")
         self.refiner = refiner
+        self.num_classes = num_classes
         self.input_size = input_size
         self.context_margin = context_margin
         self.fusion = fusion
@@ -185,9 +193,18 @@ class SpatialPyramidROIHeads(nn.Module):
         self.matcher = Matcher([detection_iou], [0, 1], allow_low_quality_matches=False)
 
     @classmethod
-    def from_config(cls, cfg, input_shape=None):
+    def from_config(
+        cls, cfg, input_shape=None, *, num_classes: Optional[int] = None,
+        keep_input_classes: bool = False,
+    ):
+        """``num_classes`` defaults to MODEL.ROI_HEADS.NUM_CLASSES; a meta-architecture whose
+        proposer has its own class count (MCCNN: MODEL.SSD.NUM_CLASSES) passes it in, and
+        ``keep_input_classes`` when its proposals come from per-class NMS."""
+        if num_classes is None:
+            num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         return {
-            "refiner": build_refiner(cfg),
+            "refiner": build_refiner(cfg, num_classes),
+            "num_classes": num_classes,
             "input_size": cfg.MODEL.REFINER.INPUT_SIZE,
             "context_margin": cfg.MODEL.REFINER.CONTEXT_MARGIN,
             "fusion": cfg.MODEL.REFINER.FUSION,
@@ -197,7 +214,7 @@ class SpatialPyramidROIHeads(nn.Module):
             "detection_iou": cfg.MODEL.REFINER.DETECTION_IOU,
             "batch_size_per_image": cfg.MODEL.REFINER.BATCH_SIZE_PER_IMAGE,
             "proposals_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "keep_input_classes": not cfg.MODEL.SSD.CLASS_AGNOSTIC_NMS,
+            "keep_input_classes": keep_input_classes,
             "luma_format": cfg.INPUT.FORMAT if luma_enabled(cfg) else None,
         }
 
@@ -212,7 +229,7 @@ class SpatialPyramidROIHeads(nn.Module):
         Args:
             images: the normalised network input; crops come from ``images.tensor``.
             features: unused (Ef sees pixels); kept for detectron2's ROIHeads signature.
-            proposals: per image, Ec's detections or RPN proposals (see the class docstring).
+            proposals: per image, proposals (see the class docstring).
             targets: per image, ``gt_boxes`` and ``gt_classes``; training only.
 
         Returns:
@@ -221,13 +238,9 @@ class SpatialPyramidROIHeads(nn.Module):
         """
         del features
         if self.training:
-            assert targets is not None, "SpatialPyramidROIHeads needs targets in training"
+            assert targets is not None, "RefinerROIHeads needs targets in training"
             return proposals, self.losses(images, proposals, targets)
         return self.inference(images, proposals), {}
-
-    @staticmethod
-    def _input_boxes(instances: Instances) -> Boxes:
-        return instances.pred_boxes if instances.has("pred_boxes") else instances.proposal_boxes
 
     @torch.no_grad()
     def label_crops(self, images: ImageList, proposals: List[Instances], targets: List[Instances]):
@@ -244,7 +257,7 @@ class SpatialPyramidROIHeads(nn.Module):
             jittered.clip(image_size)
             extra_boxes = [jittered.tensor]
             extra_labels = [gt_classes.repeat_interleave(self.gt_jitter_copies)]
-            input_boxes = self._input_boxes(inputs).to(gt_boxes.device)
+            input_boxes = inputs.proposal_boxes.to(gt_boxes.device)
             if len(input_boxes) > 0:
                 quality = pairwise_iou(target.gt_boxes, input_boxes)
                 matched_idxs, matched_labels = self.matcher(quality)
@@ -279,11 +292,11 @@ class SpatialPyramidROIHeads(nn.Module):
         return crops
 
     def fine_probabilities(self, images: ImageList, boxes: List[torch.Tensor]) -> torch.Tensor:
-        """Ef's class probabilities (sum Ki, 2) for every box, averaged over ``test_crops``
+        """Ef's class probabilities (sum Ki, num_classes) for every box, averaged over ``test_crops``
         crops: the box, then copies jittered with a fixed seed (reproducible outputs)."""
         num_boxes = sum(len(b) for b in boxes)
         if num_boxes == 0:
-            return images.tensor.new_zeros((0, 2))
+            return images.tensor.new_zeros((0, self.num_classes))
         if self.test_crops > 1:
             generator = torch.Generator(device=images.tensor.device).manual_seed(0)
             boxes = [self._with_test_jitter(b, generator) for b in boxes]
@@ -299,28 +312,25 @@ class SpatialPyramidROIHeads(nn.Module):
 
     def inference(self, images: ImageList, proposals: List[Instances]) -> List[Instances]:
         inputs = [self._select_inputs(p) for p in proposals]
-        fine = self.fine_probabilities(images, [self._input_boxes(p).tensor for p in inputs])
+        fine = self.fine_probabilities(images, [p.proposal_boxes.tensor for p in inputs])
         # One image needs no split, which keeps a traced model's detection count dynamic.
         fine = fine.split([len(p) for p in inputs]) if len(inputs) > 1 else [fine]
         return [self._fuse(p, f) for p, f in zip(inputs, fine)]
 
     def _select_inputs(self, instances: Instances) -> Instances:
-        if instances.has("pred_boxes") or len(instances) <= self.proposals_per_image:
+        if len(instances) <= self.proposals_per_image:
             return instances
         order = instances.objectness_logits.argsort(descending=True)
         return instances[order[: self.proposals_per_image]]
 
     def _fuse(self, inputs: Instances, fine: torch.Tensor) -> Instances:
         result = Instances(inputs.image_size)
+        nodule_prob = inputs.objectness_logits.to(fine.dtype).sigmoid()
         if inputs.has("class_probs"):
             coarse = inputs.class_probs.to(fine.dtype)
-            coarse_conf = coarse.gather(1, inputs.pred_classes.long()[:, None])[:, 0]
-            nodule_prob = inputs.scores.to(fine.dtype) / coarse_conf.clamp(min=1e-12)
-            nodule_prob = nodule_prob.clamp(max=1.0)
             fused = fuse_probabilities(coarse, fine, self.fusion)
         else:
             coarse = torch.full_like(fine, 1.0 / fine.shape[1])
-            nodule_prob = inputs.objectness_logits.to(fine.dtype).sigmoid()
             fused = fine
         if self.keep_input_classes and inputs.has("pred_classes"):
             pred_classes = inputs.pred_classes.long()
@@ -328,10 +338,16 @@ class SpatialPyramidROIHeads(nn.Module):
             pred_classes = fused.argmax(dim=1)
         scores = nodule_prob * fused.gather(1, pred_classes[:, None])[:, 0]
         order = scores.argsort(descending=True)
-        result.pred_boxes = self._input_boxes(inputs)[order]
+        result.pred_boxes = inputs.proposal_boxes[order]
         result.scores = scores[order]
         result.pred_classes = pred_classes[order]
         result.coarse_probs = coarse[order]
         result.fine_probs = fine[order]
         result.class_probs = fused[order]
         return result
+
+
+@ROI_HEADS_REGISTRY.register()
+class SpatialPyramidROIHeads(RefinerROIHeads):
+    """The former name of :class:`RefinerROIHeads`, registered so that configs and checkpoints
+    that name it keep loading."""
