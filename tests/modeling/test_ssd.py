@@ -216,7 +216,8 @@ def test_sigmoid_focal_loss_over_every_anchor():
         build(cfg)
 
 
-def test_nan_input_and_nan_loss_raise_floating_point_error():
+def test_nan_input_raises_floating_point_error():
+    """(A non-finite loss is left to detectron2's SimpleTrainer, which raises on it.)"""
     model = build(tiny_cfg()).train()
     batch = make_batch()
     batch[1]["image"] = batch[1]["image"].clone()
@@ -226,13 +227,6 @@ def test_nan_input_and_nan_loss_raise_floating_point_error():
     model.eval()
     with pytest.raises(FloatingPointError, match="b.png"):
         model(batch)
-    with pytest.raises(FloatingPointError, match="infinite or NaN"):
-        model.ssd_losses(
-            ANCHORS,
-            [torch.full((1, 4, 3), float("nan"))],
-            [torch.zeros(1, 4, 4)],
-            [instances((64, 64), [[0, 0, 10, 10]], [1])],
-        )
 
 
 def test_wrong_channel_count_names_the_file():

@@ -1,7 +1,7 @@
 """MC-CNN: the multi-scale SSD detector Ec cascaded with the spatial pyramid refiner Ef
 (paper Fig. 2, section IV, algorithm 2)."""
 import logging
-from typing import Dict, List
+from typing import List
 
 import torch
 from detectron2.config import configurable
@@ -164,26 +164,10 @@ class MCCNN(MultiScaleSSD):
                 m.train(False)
         return self
 
-    def forward(self, batched_inputs: List[Dict]):
-        """
-        Args:
-            batched_inputs: as :meth:`MultiScaleSSD.forward`.
-
-        Returns:
-            training: the losses of the current stage: "loss_cls" and "loss_box_reg" (Ec),
-            "loss_refiner" (Ef).
-            inference: per image {"instances": Instances} in the "height" x "width" frame with
-            pred_boxes, scores, pred_classes, class_probs (fused), coarse_probs and fine_probs.
-        """
-        if not self.training:
-            return self.inference(batched_inputs)
-        if "instances" not in batched_inputs[0]:
-            raise ValueError("MCCNN: training inputs need ground-truth 'instances'")
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = self.ground_truth(batched_inputs, images)
-
-        with torch.set_grad_enabled(self.stage != "refiner"):
-            features, pred_logits, pred_deltas, anchors = self.forward_head(images)
+    def forward_training(self, images, features, predictions, gt_instances):
+        """The losses of the current stage: "loss_cls" and "loss_box_reg" (Ec), "loss_refiner"
+        (Ef). In stage "refiner" Ec's parameters are frozen, so no graph is kept through it."""
+        anchors, pred_logits, pred_deltas = self.dense_outputs(images, features, predictions)
         losses = {}
         if self.stage != "refiner":
             losses.update(self.ssd_losses(anchors, pred_logits, pred_deltas, gt_instances))
@@ -195,13 +179,12 @@ class MCCNN(MultiScaleSSD):
             losses.update({k: v * weight for k, v in refiner_losses.items()})
         return losses
 
-    def inference(self, batched_inputs: List[Dict]):
+    def forward_inference(self, images, features, predictions):
         """The whole cascade: Ec's detections refined and rescored by the ROI heads (Ec's own
-        detections when ``refine`` is off)."""
-        images = self.preprocess_image(batched_inputs)
-        features, pred_logits, pred_deltas, anchors = self.forward_head(images)
-        detections = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
+        detections when ``refine`` is off). Outputs add class_probs (fused), coarse_probs and
+        fine_probs to Ec's fields."""
+        detections = super().forward_inference(images, features, predictions)
         if not self.refine:
-            return self.postprocess(detections, batched_inputs, images.image_sizes)
+            return detections
         results, _ = self.roi_heads(images, features, detections_to_proposals(detections))
-        return self.postprocess(results, batched_inputs, images.image_sizes)
+        return results

@@ -1,5 +1,6 @@
 """Ec: the multi-scale SSD detector with nodule-prior anchors (paper section II)."""
 
+import inspect
 import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -12,28 +13,20 @@ from detectron2.modeling import (
     Backbone,
     build_anchor_generator,
     build_backbone,
-    detector_postprocess,
 )
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
-from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..anchor_generator import NodulePriorAnchorGenerator
 from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
 
-__all__ = ["MultiScaleSSD", "SSDHead", "permute_to_N_HWA_K"]
+__all__ = ["MultiScaleSSD", "SSDHead"]
 
 logger = logging.getLogger(__name__)
-
-
-def permute_to_N_HWA_K(tensor: Tensor, K: int) -> Tensor:
-    """(N, A*K, H, W) -> (N, H*W*A, K), the order in which anchors are generated."""
-    N, _, H, W = tensor.shape
-    return tensor.view(N, -1, K, H, W).permute(0, 3, 4, 1, 2).reshape(N, -1, K)
 
 
 class SSDHead(nn.Module):
@@ -109,7 +102,7 @@ class SSDHead(nn.Module):
 
 
 @META_ARCH_REGISTRY.register()
-class MultiScaleSSD(nn.Module):
+class MultiScaleSSD(DenseDetector):
     """Ec of MC-CNN: SSD on multi-scale feature levels with nodule-prior anchors.
 
     A softmax over ``num_classes + 1`` classes (background last, detectron2's convention for
@@ -119,8 +112,9 @@ class MultiScaleSSD(nn.Module):
     positive: SSD used 3, Base-SSD.yaml 20), both normalised by the number of positives in the
     batch. Inference keeps confident anchors, decodes them and applies NMS.
 
-    The methods ``preprocess_image``, ``forward_head``, ``ssd_losses`` and ``ssd_inference`` are the
-    interface that the MC-CNN cascade builds on.
+    A detectron2 ``DenseDetector``: its ``forward`` runs preprocess -> backbone -> head, then
+    :meth:`forward_training` (``ssd_losses``) or :meth:`forward_inference` (``ssd_inference``),
+    then ``detector_postprocess``; the MC-CNN cascade overrides the two hooks.
 
     Input: images of any size in ``input_format``; with ``luma_input`` a BGR/RGB image becomes one
     luma channel, and with ``fixed_size`` it is resized to that size, both inside the model, so
@@ -160,8 +154,9 @@ class MultiScaleSSD(nn.Module):
             head: maps the list of ``head_in_features`` maps to per-level
                 (N, A*(C+1), H, W) logits and (N, A*4, H, W) deltas, e.g. :class:`SSDHead`.
             head_in_features: backbone outputs that get predictions, fine to coarse.
-            anchor_generator: per-level anchors; :class:`NodulePriorAnchorGenerator` is given the
-                network-input size, other generators only the features.
+            anchor_generator: per-level anchors; a generator whose ``forward`` takes an
+                ``image_size`` (NodulePriorAnchorGenerator) is given the network-input size, others
+                only the features (decided here, once).
             box2box_transform: box coding; SSD uses weights (10, 10, 5, 5).
             anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored).
             num_classes: foreground classes (2: benign, malignant).
@@ -186,11 +181,20 @@ class MultiScaleSSD(nn.Module):
             fixed_size: (H, W) every input is resized to before normalisation (bilinear,
                 antialiased); None keeps the input's size.
         """
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.head_in_features = list(head_in_features)
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(f"PIXEL_MEAN {pixel_mean} and PIXEL_STD {pixel_std} differ in length")
+        luma_input = bool(luma_input) and input_format in ("BGR", "RGB")
+        if luma_input:
+            pixel_mean = [luma_statistic(pixel_mean, input_format)]
+            pixel_std = [luma_statistic(pixel_std, input_format)]
+        super().__init__(
+            backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        self.luma_input = luma_input
         self.anchor_generator = anchor_generator
+        self.anchors_take_image_size = (
+            "image_size" in inspect.signature(anchor_generator.forward).parameters
+        )
         self.box2box_transform = box2box_transform
         self.anchor_matcher = anchor_matcher
         self.num_classes = num_classes
@@ -210,15 +214,8 @@ class MultiScaleSSD(nn.Module):
         self.class_agnostic_nms = class_agnostic_nms
         self.max_detections_per_image = max_detections_per_image
         self.input_format = input_format
-        if len(pixel_mean) != len(pixel_std):
-            raise ValueError(f"PIXEL_MEAN {pixel_mean} and PIXEL_STD {pixel_std} differ in length")
-        self.luma_input = bool(luma_input) and input_format in ("BGR", "RGB")
-        if self.luma_input:
-            pixel_mean = [luma_statistic(pixel_mean, input_format)]
-            pixel_std = [luma_statistic(pixel_std, input_format)]
         self.fixed_size = tuple(fixed_size) if fixed_size else None
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.num_logits = num_classes + (cls_loss_type == "softmax_mined")
 
     @classmethod
     def from_config(cls, cfg):
@@ -262,31 +259,38 @@ class MultiScaleSSD(nn.Module):
             "fixed_size": tuple(cfg.INPUT.FIXED_SIZE),
         }
 
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
     def forward(self, batched_inputs: List[Dict]):
-        """
+        """DenseDetector's forward, on inputs put in the frame of the model's resize.
+
         Args:
             batched_inputs: mapper outputs, each with "image" (C, H, W); in training also
                 "instances" (gt_boxes, gt_classes in the image's frame); optionally "height" and
-                "width", the size to report detections in.
+                "width", the size to report detections in (default: the image's size).
 
         Returns:
             training: dict with "loss_cls" and "loss_box_reg".
             inference: per image {"instances": Instances} with pred_boxes, scores, pred_classes
             and class_probs, in the "height" x "width" frame.
         """
-        images = self.preprocess_image(batched_inputs)
-        _, pred_logits, pred_deltas, anchors = self.forward_head(images)
-        if self.training:
-            if "instances" not in batched_inputs[0]:
-                raise ValueError("MultiScaleSSD: training inputs need ground-truth 'instances'")
-            gt_instances = self.ground_truth(batched_inputs, images)
-            return self.ssd_losses(anchors, pred_logits, pred_deltas, gt_instances)
-        results = self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
-        return self.postprocess(results, batched_inputs, images.image_sizes)
+        if self.training and "instances" not in batched_inputs[0]:
+            raise ValueError(
+                f"{type(self).__name__}: training inputs need ground-truth 'instances'"
+            )
+        return super().forward([self._in_network_frame(x) for x in batched_inputs])
+
+    def _in_network_frame(self, inputs: Dict) -> Dict:
+        """An input whose output size defaults to its image's size and whose ground truth is
+        scaled to the network-input frame when :meth:`preprocess_image` resizes the image."""
+        in_height, in_width = inputs["image"].shape[-2:]
+        inputs = {"height": in_height, "width": in_width, **inputs}
+        if self.training and self.fixed_size and (in_height, in_width) != self.fixed_size:
+            height, width = self.fixed_size
+            gt = inputs["instances"]
+            gt = Instances((height, width), **gt.get_fields())
+            gt.gt_boxes = Boxes(gt.gt_boxes.tensor.clone())
+            gt.gt_boxes.scale(width / in_width, height / in_height)
+            inputs["instances"] = gt
+        return inputs
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """To luma (``luma_input``), resize to ``fixed_size``, normalise with PIXEL_MEAN/STD and
@@ -315,24 +319,33 @@ class MultiScaleSSD(nn.Module):
             raise FloatingPointError(f"Input images contain NaN or Inf: {bad}")
         return images
 
-    def ground_truth(self, batched_inputs: List[Dict], images: ImageList) -> List[Instances]:
-        """Each input's "instances" on the device, boxes scaled to the network-input frame when
-        :meth:`preprocess_image` resized the image."""
-        targets = []
-        for x, (height, width) in zip(batched_inputs, images.image_sizes):
-            gt = x["instances"].to(self.device)
-            in_height, in_width = x["image"].shape[-2:]
-            if (in_height, in_width) != (height, width):
-                gt = Instances((height, width), **gt.get_fields())
-                gt.gt_boxes = Boxes(gt.gt_boxes.tensor.clone())
-                gt.gt_boxes.scale(width / in_width, height / in_height)
-            targets.append(gt)
-        return targets
+    def anchors(self, features: List[Tensor], images: ImageList) -> List[Boxes]:
+        """Per-level anchors in the network-input frame."""
+        if self.anchors_take_image_size:
+            return self.anchor_generator(features, tuple(images.tensor.shape[-2:]))
+        return self.anchor_generator(features)
+
+    def dense_outputs(
+        self, images: ImageList, features: List[Tensor], predictions
+    ) -> Tuple[List[Boxes], List[Tensor], List[Tensor]]:
+        """The head's (logits, deltas) per level as anchors, (N, Hi*Wi*Ai, C+1) logits and
+        (N, Hi*Wi*Ai, 4) deltas (detectron2's transposition)."""
+        pred_logits, pred_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_logits, 4]
+        )
+        return self.anchors(features, images), pred_logits, pred_deltas
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        return self.ssd_losses(*self.dense_outputs(images, features, predictions), gt_instances)
+
+    def forward_inference(self, images: ImageList, features: List[Tensor], predictions):
+        anchors, pred_logits, pred_deltas = self.dense_outputs(images, features, predictions)
+        return self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
 
     def forward_head(
         self, images: ImageList
     ) -> Tuple[Dict[str, Tensor], List[Tensor], List[Tensor], List[Boxes]]:
-        """Run backbone and head on a batch.
+        """Backbone and head on a batch, outside ``forward`` (for tools and tests).
 
         Returns:
             features: all backbone outputs by name.
@@ -342,14 +355,9 @@ class MultiScaleSSD(nn.Module):
         """
         features = self.backbone(images.tensor)
         level_features = [features[f] for f in self.head_in_features]
-        logits, deltas = self.head(level_features)
-        num_logits = self.num_classes + (self.cls_loss_type == "softmax_mined")
-        pred_logits = [permute_to_N_HWA_K(x, num_logits) for x in logits]
-        pred_deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]
-        if isinstance(self.anchor_generator, NodulePriorAnchorGenerator):
-            anchors = self.anchor_generator(level_features, tuple(images.tensor.shape[-2:]))
-        else:
-            anchors = self.anchor_generator(level_features)
+        anchors, pred_logits, pred_deltas = self.dense_outputs(
+            images, level_features, self.head(level_features)
+        )
         return features, pred_logits, pred_deltas, anchors
 
     @torch.no_grad()
@@ -414,9 +422,7 @@ class MultiScaleSSD(nn.Module):
             "loss_cls": cross-entropy over positives and hard negatives, and "loss_box_reg":
             smooth-L1 over positives, both divided by the batch's positives (at least 1).
             An image without nodules has no positives, hence no negatives, and adds nothing.
-
-        Raises:
-            FloatingPointError: if a loss is not finite.
+            Non-finite losses are left to detectron2's trainer, which raises on them.
         """
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         anchors = Boxes.cat(anchors).tensor
@@ -454,22 +460,7 @@ class MultiScaleSSD(nn.Module):
             selected = positives | self.hard_negatives(ce.detach(), negatives, num_pos)
             loss_cls = ce[selected].sum()
 
-        losses = {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
-        if not all(bool(torch.isfinite(v)) for v in losses.values()):
-            raise FloatingPointError(
-                "MultiScaleSSD: loss is infinite or NaN: "
-                f"{ {k: float(v) for k, v in losses.items()} }"
-            )
-        self._put_scalar("ssd/num_pos_anchors", float(num_pos.float().mean()))
-        return losses
-
-    @staticmethod
-    def _put_scalar(name: str, value: float):
-        try:
-            storage = get_event_storage()
-        except AssertionError:  # outside a trainer's EventStorage
-            return
-        storage.put_scalar(name, value)
+        return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
 
     @torch.no_grad()
     def ssd_inference(
@@ -541,16 +532,3 @@ class MultiScaleSSD(nn.Module):
         result.pred_classes = classes[keep]
         result.class_probs = class_probs[keep]
         return result
-
-    @staticmethod
-    def postprocess(
-        results: List[Instances], batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
-    ) -> List[Dict[str, Instances]]:
-        """Rescale detections from the network-input frame to each input's "height" x "width"
-        (default: the size of its "image", which the model may have resized)."""
-        processed = []
-        for result, inputs in zip(results, batched_inputs):
-            height = inputs.get("height", inputs["image"].shape[-2])
-            width = inputs.get("width", inputs["image"].shape[-1])
-            processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed
