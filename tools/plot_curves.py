@@ -90,6 +90,8 @@ def plot_runs(runs, labels, output, title=None):
                                   label=f"{label}: {loss_key}")
         for ax, (_, name) in zip(row_axes, PANELS + (("", "training losses (log)"),)):
             ax.set_xlabel(x_label)
+            if x_key == "progress/images_seen":
+                ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k")
             ax.set_title(name, fontsize=10)
             ax.grid(alpha=0.3)
         row_axes[-1].set_yscale("log")
