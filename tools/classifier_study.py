@@ -22,7 +22,6 @@ Writes to ``--output``: ``classifier_study.json`` (metrics and chosen hyper-para
 ``classifier_rocs.png`` (all ROC curves in one figure) and the printed table.
 """
 
-import argparse
 import logging
 import os
 
@@ -54,7 +53,7 @@ from thyroid_det.engine import load_inference_weights, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import binary_metrics
 from thyroid_det.evaluation.plots import plot_roc_curves
 from thyroid_det.modeling.roi_heads.refiner import crop_and_resize
-from thyroid_det.utils.cli import cli_errors
+from thyroid_det.utils.cli import cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.classifier_study")
@@ -185,10 +184,7 @@ def split_records(dataset, test_dataset, seed):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="an MCCNN config")
+    parser = config_tool_parser(__doc__, config_help="an MCCNN config")
     parser.add_argument("--weights", required=True, metavar="FILE")
     parser.add_argument(
         "--dataset", required=True, help="training set (split 8:2 without --test-dataset)"
@@ -201,7 +197,6 @@ def build_parser():
     parser.add_argument(
         "--quick", action="store_true", help="one small setting per classifier (tests)"
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 

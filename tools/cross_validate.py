@@ -19,7 +19,6 @@ tools/evaluate.py's metrics.json), and per metric ``mean``, ``std`` (sample stan
 ddof=1, over the folds where it is defined) and ``n`` (that number of folds).
 """
 
-import argparse
 import gc
 import json
 import math
@@ -32,30 +31,12 @@ from tabulate import tabulate
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_kfold_datasets
 from thyroid_det.engine import Trainer, launch, setup_cfg
-from thyroid_det.evaluation import flat_metrics
-from thyroid_det.utils.cli import cli_errors
+from thyroid_det.evaluation import FOLD_SUMMARY_KEYS, flat_metrics
+from thyroid_det.utils.cli import cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_json
 
-SUMMARY_KEYS = (
-    "bbox.AP",
-    "bbox.AP50",
-    "bbox.AP50-benign",
-    "bbox.AP50-malignant",
-    "bbox_agnostic.AP50",
-    "nodule.recall50",
-    "nodule.froc_cpm",
-    "nodule.accuracy",
-    "nodule.sensitivity",
-    "nodule.specificity",
-    "nodule.auc",
-)
-
-
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = config_tool_parser(__doc__)
     parser.add_argument(
         "--dataset", help="registered dataset to split (default: the config's DATASETS.TRAIN[0])"
     )
@@ -66,7 +47,6 @@ def build_parser():
     )
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--dist-url", default="auto")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 
@@ -85,7 +65,7 @@ def summarise(per_fold):
 
 
 def format_table(per_fold, mean, std):
-    keys = [k for k in SUMMARY_KEYS if k in mean]
+    keys = [k for k in FOLD_SUMMARY_KEYS if k in mean]
     rows = []
     for i, fold in enumerate(per_fold):
         rows.append([f"fold {i}"] + [_fmt(fold.get(k)) for k in keys])

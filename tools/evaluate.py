@@ -47,7 +47,6 @@ detection. Images with none are counted and listed. Writes ``image_metrics.json`
 ``images.csv``.
 """
 
-import argparse
 import hashlib
 import logging
 import math
@@ -59,9 +58,8 @@ from detectron2.modeling import build_model
 from tabulate import tabulate
 
 import thyroid_det  # noqa: F401  (registers the plugin)
-from thyroid_det.data.datasets import register_coco
 from thyroid_det.engine import Predictor, Trainer, load_inference_weights, setup_cfg_for_weights
-from thyroid_det.evaluation import ModelTimer, build_evaluators, flat_metrics
+from thyroid_det.evaluation import ModelTimer, build_evaluators, flat_metrics, format_summary
 from thyroid_det.evaluation.image_level import (
     image_level_metrics,
     images_csv,
@@ -73,47 +71,13 @@ from thyroid_det.modeling.temperature import (
     attach_malignancy_temperature,
     resolve_malignancy_temperature,
 )
-from thyroid_det.utils.cli import cli_errors
+from thyroid_det.utils.cli import cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("thyroid_det.evaluate")
 
-SUMMARY_KEYS = (
-    "bbox.AP",
-    "bbox.AP50",
-    "bbox.AP50-benign",
-    "bbox.AP50-malignant",
-    "bbox.AP75",
-    "bbox_agnostic.AP50",
-    "nodule.recall50",
-    "nodule.froc_cpm",
-    "nodule.accuracy",
-    "nodule.sensitivity",
-    "nodule.specificity",
-    "nodule.auc",
-    "nodule.youden_threshold",
-    "nodule.accuracy_youden",
-    "nodule.sensitivity_youden",
-    "nodule.specificity_youden",
-    "nodule.auc_coarse",
-    "nodule.auc_fine",
-    "nodule.ece",
-    "nodule.brier",
-    "nodule.sensitivity_at_spec90",
-    "nodule.specificity_at_sens90",
-    "nodule.fixed_threshold",
-    "nodule.accuracy_fixed",
-    "nodule.sensitivity_fixed",
-    "nodule.specificity_fixed",
-    "seconds_per_image",
-)
-
-
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = config_tool_parser(__doc__)
     parser.add_argument("--weights", required=True, metavar="FILE", help="checkpoint to evaluate")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", metavar="NAME", help="a registered dataset, e.g. tn5000_val")
@@ -145,7 +109,6 @@ def build_parser():
     parser.add_argument(
         "--min-score", type=float, default=0.3, help="--image-labels: detections counted"
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 
@@ -154,8 +117,9 @@ def fail(message):
     raise SystemExit(f"evaluate.py: error: {message}")
 
 
-def register_coco_json(json_file, image_root):
-    """Register a COCO file under a name derived from its path; returns the name."""
+def coco_dataset_opts(json_file, image_root):
+    """The name a COCO file is evaluated under (derived from its path) and the config overrides
+    that register it through DATASETS.COCO_REGISTER, as training does."""
     if not os.path.isfile(json_file):
         fail(f"COCO json {json_file!r} not found")
     if not image_root or not os.path.isdir(image_root):
@@ -163,9 +127,7 @@ def register_coco_json(json_file, image_root):
     digest = hashlib.sha1(os.path.abspath(json_file).encode()).hexdigest()[:8]
     stem = os.path.splitext(os.path.basename(json_file))[0]
     name = f"evaluate_{stem}_{digest}"
-    if name not in DatasetCatalog.list():
-        register_coco(name, json_file, image_root)
-    return name
+    return name, ["DATASETS.COCO_REGISTER", repr([[name, json_file, image_root]])]
 
 
 def check_dataset(name):
@@ -187,23 +149,6 @@ def check_dataset(name):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         fail(f"dataset {name!r} references a missing image: {missing[0]}{more}")
     return records
-
-
-def format_summary(metrics):
-    rows = []
-    for key in SUMMARY_KEYS:
-        if key not in metrics:
-            continue
-        value = metrics[key]
-        text = (
-            "nan"
-            if math.isnan(value)
-            else (f"{value:.2f}" if key.startswith("bbox") else f"{value:.4f}")
-        )
-        if f"{key}_ci_low" in metrics:
-            text += f"  [{metrics[f'{key}_ci_low']:.3f}, {metrics[f'{key}_ci_high']:.3f}]"
-        rows.append((key, text))
-    return tabulate(rows, headers=["metric", "value"], tablefmt="pipe")
 
 
 def fixed_threshold(args):
@@ -260,11 +205,14 @@ def main(argv=None):
     threshold = fixed_threshold(args)
     if threshold is not None:
         args.opts = list(args.opts) + ["TEST.NODULE_EVAL.FIXED_THRESHOLD", str(threshold)]
+    name = args.dataset
+    if args.coco_json:
+        name, register = coco_dataset_opts(args.coco_json, args.image_root)
+        args.opts = list(args.opts) + register
     cfg = setup_cfg_for_weights(args, "evaluate.py", inputs)
     if args.image_labels:
         return evaluate_image_labels(args, cfg, threshold)
 
-    name = args.dataset or register_coco_json(args.coco_json, args.image_root)
     records = check_dataset(name)
     class_agnostic = args.class_agnostic
     classes = MetadataCatalog.get(name).get("thing_classes", [])

@@ -24,7 +24,6 @@ Example:
         --config-file configs/mssd_vgg16.yaml --dataset tn5000_train --output priors.yaml
 """
 
-import argparse
 import logging
 import math
 import os
@@ -32,41 +31,37 @@ import sys
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_backbone
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from tqdm import tqdm
 
 import thyroid_det  # noqa: F401  (registers the plugin and its datasets)
-from thyroid_det.config import add_mccnn_config
+from thyroid_det.data.datasets import register_coco_datasets
+from thyroid_det.engine import load_cfg
 from thyroid_det.modeling.anchor_generator import (
     NodulePriorAnchorGenerator,
     per_level_params,
 )
-from thyroid_det.utils.cli import cli_errors
+from thyroid_det.utils.cli import cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_text
 
 logger = logging.getLogger("fit_priors")
 
 
 def load_boxes(dataset_name):
-    """Boxes and image sizes of a registered dataset.
+    """Boxes and image sizes of a dataset registered in DatasetCatalog (built-in, or listed in
+    the config's DATASETS.COCO_REGISTER).
 
     Returns:
         boxes (M, 4) float64 XYXY_ABS in the original image, image_hw (M, 2) of each box's image.
     """
-    if dataset_name in DatasetCatalog.list():
-        records = DatasetCatalog.get(dataset_name)
-    elif dataset_name.startswith("tn5000_"):
-        from thyroid_det.data.datasets.tn5000 import load_tn5000, tn5000_dirname
-
-        records = load_tn5000(tn5000_dirname(), dataset_name[len("tn5000_") :])
-    else:
+    if dataset_name not in DatasetCatalog.list():
         raise SystemExit(
             f"Dataset {dataset_name!r} is not registered; "
             f"registered: {sorted(DatasetCatalog.list())}"
         )
+    records = DatasetCatalog.get(dataset_name)
     boxes, image_hw = [], []
     for record in records:
         for ann in record.get("annotations", []):
@@ -228,10 +223,7 @@ def write_fragment(path, dataset, num_boxes, input_hw, sizes, ratios):
 
 @cli_errors("fit_priors.py")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--config-file", required=True, help="config whose levels/input size to fit"
-    )
+    parser = config_tool_parser(__doc__, config_help="config whose levels/input size to fit")
     parser.add_argument("--dataset", default="tn5000_train", help="registered dataset name")
     parser.add_argument("--output", help="YAML fragment to write (default: print it)")
     parser.add_argument("--num-ratios", type=int, default=3, help="aspect ratios per level")
@@ -254,14 +246,11 @@ def main(argv=None):
     parser.add_argument(
         "--eval-dataset", help="also report coverage on this dataset (e.g. tn5000_val)"
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
 
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_cfg(args)  # no default_setup: this tool writes no OUTPUT_DIR
+    register_coco_datasets(cfg)
     input_hw = tuple(int(x) for x in cfg.INPUT.FIXED_SIZE)
 
     boxes, image_hw = load_boxes(args.dataset)

@@ -20,7 +20,6 @@ log-likelihood of the found nodules' diagnoses under sigmoid(logit(p) / T), and 
 Fitting on top of a checkpoint that already has a temperature multiplies the two.
 """
 
-import argparse
 import os
 import sys
 
@@ -42,22 +41,18 @@ from thyroid_det.modeling.temperature import (  # noqa: E402
     TEMPERATURE_KEY,
     read_checkpoint_temperature,
 )
-from thyroid_det.utils.cli import cli_errors  # noqa: E402
+from thyroid_det.utils.cli import cli_errors, config_tool_parser  # noqa: E402
 from thyroid_det.utils.file_io import atomic_path, atomic_write_json  # noqa: E402
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = config_tool_parser(__doc__)
     parser.add_argument("--weights", required=True, metavar="FILE", help="a .pth checkpoint")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", metavar="NAME", help="the validation set, e.g. tn5000_val")
     data.add_argument("--from-run", metavar="DIR", help="an evaluate.py run of --weights")
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument("--save-weights", metavar="FILE", help="default OUTPUT/model_temperature.pth")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 

@@ -42,7 +42,6 @@ the file's SequenceOfUltrasoundRegions (the region containing the box) or PixelS
 ``{"calibration": "none", "reason": ...}`` for uncalibrated files and other images.
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -65,7 +64,7 @@ from thyroid_det.data.dicom import (
 from thyroid_det.data.image_io import UnreadableImage
 from thyroid_det.engine import Predictor, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import malignant_probability
-from thyroid_det.utils.cli import cli_errors
+from thyroid_det.utils.cli import cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_path, atomic_write_json
 from thyroid_det.utils.html_report import thumbnail_data_uri, write_html_report
 
@@ -164,10 +163,7 @@ def draw(gray, instances, classes, min_score):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = config_tool_parser(__doc__)
     parser.add_argument("--weights", required=True, metavar="FILE")
     parser.add_argument("--input", required=True, nargs="+", help="images, folders or .txt lists")
     parser.add_argument("--output", required=True, metavar="DIR")
@@ -176,7 +172,6 @@ def build_parser():
         "--min-score", type=float, default=0.3, help="draw and write detections >= this"
     )
     parser.add_argument("--scale-16bit", choices=("full", "minmax"), default="full")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 

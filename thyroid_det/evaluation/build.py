@@ -1,5 +1,6 @@
 """The evaluators that training and tools/evaluate.py run: COCO box AP plus the nodule metrics."""
 
+import math
 import os
 
 import numpy as np
@@ -111,6 +112,64 @@ def flat_metrics(results):
     """``{"bbox": {"AP": ..}, "nodule": {..}}`` -> ``{"bbox.AP": .., "nodule.auc": ..}``, floats:
     the key scheme of tools/evaluate.py's and tools/cross_validate.py's JSON files."""
     return {f"{task}.{k}": float(v) for task, res in results.items() for k, v in res.items()}
+
+
+# The metrics the tools print, in this order: tools/evaluate.py all of them, each fold of
+# tools/cross_validate.py the headline ones (FOLD_SUMMARY_KEYS).
+FOLD_SUMMARY_KEYS = (
+    "bbox.AP",
+    "bbox.AP50",
+    "bbox.AP50-benign",
+    "bbox.AP50-malignant",
+    "bbox_agnostic.AP50",
+    "nodule.recall50",
+    "nodule.froc_cpm",
+    "nodule.accuracy",
+    "nodule.sensitivity",
+    "nodule.specificity",
+    "nodule.auc",
+)
+SUMMARY_KEYS = (
+    FOLD_SUMMARY_KEYS[:4]
+    + ("bbox.AP75",)
+    + FOLD_SUMMARY_KEYS[4:]
+    + (
+        "nodule.youden_threshold",
+        "nodule.accuracy_youden",
+        "nodule.sensitivity_youden",
+        "nodule.specificity_youden",
+        "nodule.auc_coarse",
+        "nodule.auc_fine",
+        "nodule.ece",
+        "nodule.brier",
+        "nodule.sensitivity_at_spec90",
+        "nodule.specificity_at_sens90",
+        "nodule.fixed_threshold",
+        "nodule.accuracy_fixed",
+        "nodule.sensitivity_fixed",
+        "nodule.specificity_fixed",
+        "seconds_per_image",
+    )
+)
+
+
+def format_summary(metrics):
+    """The :data:`SUMMARY_KEYS` of flat ``metrics`` as a table (bbox.* in percent, two decimals;
+    the others four), with ``[low, high]`` where ``<key>_ci_low``/``_ci_high`` exist."""
+    rows = []
+    for key in SUMMARY_KEYS:
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        text = (
+            "nan"
+            if math.isnan(value)
+            else (f"{value:.2f}" if key.startswith("bbox") else f"{value:.4f}")
+        )
+        if f"{key}_ci_low" in metrics:
+            text += f"  [{metrics[f'{key}_ci_low']:.3f}, {metrics[f'{key}_ci_high']:.3f}]"
+        rows.append((key, text))
+    return tabulate(rows, headers=["metric", "value"], tablefmt="pipe")
 
 
 def build_evaluators(cfg, dataset_name, output_dir, class_agnostic=False, distributed=True):

@@ -1,14 +1,16 @@
-"""One error wrapper for every command-line tool: errors that bad input causes become one line.
+"""What every command-line tool shares: the argument parser of a config-driven tool, the output
+folder check, and one error wrapper: errors that bad input causes become one line.
 
 A wrong path, an unknown config key, a broken data set or checkpoint, an unreadable image: the
 message already names the file and the problem, and a traceback through detectron2 only hides it.
 Programming errors (anything else) keep their traceback. ``THYROID_DET_TRACEBACK=1`` keeps it
 for every error.
 """
+import argparse
 import functools
 import os
 
-__all__ = ["check_output_dir", "cli_errors"]
+__all__ = ["check_output_dir", "cli_errors", "config_tool_parser"]
 
 
 def _user_errors():
@@ -48,6 +50,20 @@ def cli_errors(tool):
         return run
 
     return decorate
+
+
+def config_tool_parser(doc, config_help=None):
+    """
+    The argument parser of a tool that runs a config: the first paragraph of the tool's
+    docstring as its description, ``--config-file`` (required) and trailing ``KEY VALUE ...``
+    config overrides (``opts``), as detectron2's tools take them. The tool adds its own flags.
+    """
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help=config_help)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
 
 
 def check_output_dir(output, inputs=(), flag="--output"):
