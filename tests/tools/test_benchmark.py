@@ -10,6 +10,8 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 
+from thyroid_det.utils import benchmark_sections
+
 # One thread: on a loaded machine two threads mostly measure the scheduler.
 FAST = ["--threads", "1", "--size", "128", "--warmup", "1", "--repeats", "2", "--no-flops"]
 
@@ -43,8 +45,8 @@ def benchmark(tool):
 
 
 def test_full_report_on_tiny_models(benchmark, tiny_opts, monkeypatch, tmp_path):
-    monkeypatch.setattr(benchmark, "build_reference", _tiny_reference)
-    monkeypatch.setattr(benchmark, "REFERENCE_MIN_SIZE", 32)
+    monkeypatch.setattr(benchmark_sections, "build_reference", _tiny_reference)
+    monkeypatch.setattr(benchmark_sections, "REFERENCE_MIN_SIZE", 32)
     output = tmp_path / "out" / "bench.json"
     threads = torch.get_num_threads()
     results = benchmark.main(
@@ -125,7 +127,7 @@ def test_bad_arguments(benchmark):
 
 
 def test_real_reference_is_torchvisions_ssd300_at_the_requested_size(benchmark):
-    model = benchmark.build_reference((320, 400))
+    model = benchmark_sections.build_reference((320, 400))
     assert type(model).__name__ == "SSD"
     assert model.transform.fixed_size == (400, 320)  # (width, height)
     assert model.transform.min_size == (320,) and model.transform.max_size == 400
