@@ -1,9 +1,12 @@
-"""Fixtures shared by every test folder: real data, tiny model settings, phantoms, random weights."""
+"""Fixtures shared by every test folder: real data, configs (make_cfg, tiny model settings),
+phantoms, random weights, the tools/ scripts as modules."""
+import importlib.util
 import os
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
 
 
 def find_tn5000_datasets():
@@ -106,10 +109,49 @@ TINY_MODEL = {
 }
 
 
+def make_cfg(config=None, opts=(), tiny=False):
+    """
+    The config every test builds: get_cfg -> add_mccnn_config -> merge ``config`` -> merge
+    TINY_MODEL (``tiny``) -> merge ``opts``; not frozen, so a test may set keys after.
+
+    Args:
+        config (str or None): a file name in configs/ or a path; None: the defaults alone.
+        opts (list or dict): config overrides, ``[KEY, VALUE, ...]`` or ``{KEY: VALUE}``.
+        tiny (bool): apply TINY_MODEL's CPU-test sizes before ``opts``.
+    """
+    from detectron2.config import get_cfg
+
+    from thyroid_det import add_mccnn_config
+
+    cfg = get_cfg()
+    add_mccnn_config(cfg)
+    if config is not None:
+        cfg.merge_from_file(config if os.path.dirname(config) else os.path.join(CONFIGS, config))
+    if isinstance(opts, dict):
+        opts = [item for pair in opts.items() for item in pair]
+    cfg.merge_from_list(([item for pair in TINY_MODEL.items() for item in pair] if tiny else [])
+                        + list(opts))  # fmt: skip
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_opts():
     """TINY_MODEL as command-line ``KEY VALUE`` overrides."""
     return [item for pair in TINY_MODEL.items() for item in pair]
+
+
+@pytest.fixture(scope="session")
+def tool():
+    """``tool(name)`` imports ``tools/<name>.py`` as a module (tools/ is not a package)."""
+
+    def load(name):
+        path = os.path.join(REPO, "tools", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"thyroid_det_tool_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")
@@ -143,15 +185,9 @@ def random_weights(tmp_path_factory):
 def _save_random_weights(config_file, out_dir):
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from thyroid_det import add_mccnn_config
-
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list([item for pair in TINY_MODEL.items() for item in pair])
+    cfg = make_cfg(config_file, tiny=True)
     torch.manual_seed(0)
     model = build_model(cfg)
     DetectionCheckpointer(model, save_dir=str(out_dir)).save("random")

@@ -1,12 +1,9 @@
-"""Fixtures for data tests: tiny TN5000-style VOC trees and the tools/ scripts as modules."""
-import importlib.util
+"""Fixtures for data tests: tiny TN5000-style VOC trees."""
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VOC_XML = """<annotation>
   <filename>{image_id}.jpg</filename>
@@ -58,18 +55,3 @@ def voc_tree(tmp_path, monkeypatch):
     """``write_voc_tree`` bound to a fresh folder; the image-hash cache goes there too."""
     monkeypatch.setenv("THYROID_CACHE", str(tmp_path / "cache"))
     return lambda images, splits: write_voc_tree(tmp_path / "voc", images, splits)
-
-
-@pytest.fixture
-def load_tool():
-    """Import ``tools/<name>.py`` as a module (tools/ is not a package)."""
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(
-            f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return load

@@ -5,14 +5,12 @@ import os
 import cv2
 import numpy as np
 import pytest
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from PIL import Image
 from pycocotools.coco import COCO
 
-from thyroid_det.config import add_mccnn_config
 from thyroid_det.data.datasets import (
     DatasetFormatError,
     load_coco,
@@ -21,6 +19,8 @@ from thyroid_det.data.datasets import (
     register_coco_datasets,
 )
 from thyroid_det.utils.file_io import atomic_write_json
+
+from ..conftest import make_cfg
 
 
 def write_coco(tmp_path):
@@ -60,10 +60,7 @@ def test_load_coco_checks_boxes_and_sizes(tmp_path, caplog):
 
 
 def cfg_from_command_line(opts):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_list(opts)
-    return cfg
+    return make_cfg(opts=opts)
 
 
 def test_coco_register_from_command_line_opts(tmp_path):
@@ -84,9 +81,7 @@ def test_coco_register_from_command_line_opts(tmp_path):
     # The registration survives a config dump/reload (what train_net writes to OUTPUT_DIR).
     dumped = tmp_path / "config.yaml"
     dumped.write_text(cfg.dump())
-    again = get_cfg()
-    add_mccnn_config(again)
-    again.merge_from_file(str(dumped))
+    again = make_cfg(str(dumped))
     assert again.DATASETS.COCO_REGISTER == cfg.DATASETS.COCO_REGISTER
 
 
@@ -130,7 +125,7 @@ def test_atomic_write_json_replaces_and_leaves_no_temp(tmp_path):
     assert json.loads(path.read_text()) == {"v": 2} and os.listdir(path.parent) == ["a.json"]
 
 
-def test_converter_round_trip(voc_tree, tmp_path, load_tool):
+def test_converter_round_trip(voc_tree, tmp_path, tool):
     dirname = voc_tree(
         {
             "000001": {"content": "a", "objects": [("1", 1, 1, 10, 10)]},
@@ -140,9 +135,9 @@ def test_converter_round_trip(voc_tree, tmp_path, load_tool):
         },
         {"train": ["000001", "000003"], "val": ["000002", "000004"]},
     )
-    tool = load_tool("convert_tn5000_to_coco")
+    converter = tool("convert_tn5000_to_coco")
     out = tmp_path / "coco"
-    entries = tool.main(
+    entries = converter.main(
         ["--root", os.path.dirname(dirname), "--splits", "train", "val", "--output-dir", str(out)]
     )
     assert [e[0] for e in entries] == ["tn5000_train_coco", "tn5000_val_coco"]
@@ -168,16 +163,16 @@ def test_converter_round_trip(voc_tree, tmp_path, load_tool):
     ]
 
 
-def test_converter_reencodes_smaller_images_with_scaled_boxes(voc_tree, tmp_path, load_tool):
+def test_converter_reencodes_smaller_images_with_scaled_boxes(voc_tree, tmp_path, tool):
     dirname = voc_tree(
         {"000001": {"size": (64, 48), "objects": [("1", 8, 4, 40, 36)]}, "000002": {}},
         {"train": ["000001", "000002"]},
     )
-    tool = load_tool("convert_tn5000_to_coco")
+    converter = tool("convert_tn5000_to_coco")
     images = tmp_path / "small"
     args = ["--root", os.path.dirname(dirname), "--splits", "train", "--output-dir",
             str(tmp_path / "coco"), "--image-dir", str(images), "--max-side", "32"]
-    (entry,) = tool.main(args + ["--format", "png"])
+    (entry,) = converter.main(args + ["--format", "png"])
     assert entry[2] == str(images)
     back = load_coco_json(entry[1], entry[2], "test_reencoded")
     assert sorted(os.listdir(images)) == ["000001.png", "000002.png"]
@@ -190,5 +185,5 @@ def test_converter_reencodes_smaller_images_with_scaled_boxes(voc_tree, tmp_path
     original = load_tn5000(dirname, "train")[0]["annotations"][0]["bbox"]
     assert box == pytest.approx([v / 2 for v in original])
     with pytest.raises(SystemExit):  # --max-side without --image-dir
-        tool.main(["--root", os.path.dirname(dirname), "--output-dir", str(tmp_path),
-                   "--max-side", "9"])
+        converter.main(["--root", os.path.dirname(dirname), "--output-dir", str(tmp_path),
+                        "--max-side", "9"])

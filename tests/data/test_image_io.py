@@ -24,7 +24,7 @@ def mapper_array(path):
     return mapper({"file_name": path, "image_id": 0})["image"][0].numpy()
 
 
-def test_every_path_reads_a_16bit_png_alike(tmp_path, load_tool, random_weights, tiny_opts):
+def test_every_path_reads_a_16bit_png_alike(tmp_path, tool, random_weights, tiny_opts):
     path = str(tmp_path / "in" / "scan16.png")
     os.makedirs(os.path.dirname(path))
     cv2.imwrite(path, gradient16())
@@ -32,11 +32,11 @@ def test_every_path_reads_a_16bit_png_alike(tmp_path, load_tool, random_weights,
     assert np.array_equal(read_grayscale(path), expected)
     assert np.array_equal(mapper_array(path), expected)  # training and evaluation
     record = {"file_name": path, "height": 48, "width": 64, "annotations": []}
-    out = load_tool("convert_tn5000_to_coco").reencode(record, str(tmp_path / "out"), 0, "png", 0)
+    out = tool("convert_tn5000_to_coco").reencode(record, str(tmp_path / "out"), 0, "png", 0)
     assert np.array_equal(cv2.imread(out["file_name"], cv2.IMREAD_UNCHANGED), expected)
     # predict.py on the 16-bit file predicts exactly what it predicts on the expected 8 bits.
     config = os.path.join(REPO, "configs", "mssd_vgg16_synthetic.yaml")
-    predict = load_tool("predict")
+    predict = tool("predict")
     argv = ["--config-file", config, "--weights", random_weights(config), "--min-score", "0",
             "--json-mode", "single", "--input", path, out["file_name"]]  # fmt: skip
     images = predict.main(argv + ["--output", str(tmp_path / "pred")] + tiny_opts)["images"]
@@ -73,7 +73,7 @@ def truncated_jpeg(tmp_path):
     return str(path)
 
 
-def test_truncated_jpeg_is_refused_everywhere(tmp_path, load_tool):
+def test_truncated_jpeg_is_refused_everywhere(tmp_path, tool):
     path = truncated_jpeg(tmp_path)
     with pytest.raises(UnreadableImage, match="truncated JPEG"):
         read_grayscale(path)
@@ -81,7 +81,7 @@ def test_truncated_jpeg_is_refused_everywhere(tmp_path, load_tool):
         mapper_array(path)
     record = {"file_name": path, "height": 96, "width": 128, "annotations": []}
     with pytest.raises(UnreadableImage, match="cut.jpg: truncated JPEG"):
-        load_tool("convert_tn5000_to_coco").reencode(record, str(tmp_path / "out"), 0, "png", 0)
+        tool("convert_tn5000_to_coco").reencode(record, str(tmp_path / "out"), 0, "png", 0)
     assert not os.path.exists(tmp_path / "out" / "cut.png")
     # A complete JPEG with bytes after its end marker still reads.
     cv2.imwrite(str(tmp_path / "tail.jpg"), np.full((40, 40), 90, np.uint8))

@@ -77,7 +77,7 @@ def test_copies_of_an_image_stay_in_one_fold(voc_tree):
     assert sorted(seen) == sorted(images)
 
 
-def test_kfold_tool_writes_coco_folds(tmp_path, load_tool):
+def test_kfold_tool_writes_coco_folds(tmp_path, tool):
     records = make_records(n=12)
     os.makedirs(tmp_path / "d")
     coco = records_to_coco(
@@ -87,7 +87,7 @@ def test_kfold_tool_writes_coco_folds(tmp_path, load_tool):
     )
     (tmp_path / "all.json").write_text(json.dumps(coco))
     out = tmp_path / "folds"
-    summary = load_tool("kfold_split").main(
+    summary = tool("kfold_split").main(
         ["--coco-json", str(tmp_path / "all.json"), "--image-root", str(tmp_path / "d"),
          "--k", "3", "--output-dir", str(out)]
     )

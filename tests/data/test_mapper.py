@@ -4,14 +4,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from thyroid_det.config import add_mccnn_config
 from thyroid_det.data.mapper import SSDDatasetMapper
+
+from ..conftest import make_cfg
 
 OUT_H, OUT_W = 48, 64
 # Per-class brightness, so each output box can be checked against the class it kept.
@@ -46,9 +46,8 @@ def record(file_name, annotations=None, **extra):
     }
 
 
-def make_cfg(image_format="L", **ssd_aug):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
+def mapper_cfg(image_format="L", **ssd_aug):
+    cfg = make_cfg()
     cfg.INPUT.FIXED_SIZE = (OUT_H, OUT_W)
     cfg.INPUT.FORMAT = image_format
     if image_format == "L":  # one gray channel, as older configs (the default is BGR)
@@ -69,7 +68,7 @@ def gray_png(tmp_path):
 def test_test_mode_resizes_image_and_boxes(gray_png):
     src = record(gray_png)
     src["annotations"].append(dict(src["annotations"][0], iscrowd=1))
-    out = SSDDatasetMapper(make_cfg(), is_train=False)(src)
+    out = SSDDatasetMapper(mapper_cfg(), is_train=False)(src)
     assert len(src["annotations"]) == 3 and "annotations" not in out
     assert out["image"].shape == (1, OUT_H, OUT_W) and out["image"].dtype == torch.uint8
     assert (out["height"], out["width"], out["file_name"], out["image_id"]) == (56, 80, gray_png, 7)
@@ -84,7 +83,7 @@ def test_test_mode_resizes_image_and_boxes(gray_png):
 def test_test_mode_without_annotations_has_no_instances(gray_png):
     src = record(gray_png)
     del src["annotations"], src["height"], src["width"]
-    out = SSDDatasetMapper(make_cfg(), is_train=False)(src)
+    out = SSDDatasetMapper(mapper_cfg(), is_train=False)(src)
     assert "instances" not in out and (out["height"], out["width"]) == (56, 80)
 
 
@@ -103,7 +102,7 @@ def assert_boxes_match_content(image, instances):
 
 @pytest.mark.parametrize("ssd_aug", [True, False])
 def test_train_mode_keeps_boxes_on_their_nodules(gray_png, ssd_aug):
-    cfg = make_cfg(ENABLED=ssd_aug, PHOTOMETRIC=False, EXPAND_PROB=0.7, CROP_SKIP_PROB=0.0)
+    cfg = mapper_cfg(ENABLED=ssd_aug, PHOTOMETRIC=False, EXPAND_PROB=0.7, CROP_SKIP_PROB=0.0)
     mapper = SSDDatasetMapper(cfg, is_train=True)
     counts = set()
     for seed in range(25):
@@ -119,7 +118,7 @@ def test_train_mode_keeps_boxes_on_their_nodules(gray_png, ssd_aug):
 
 
 def test_train_mode_photometric_changes_only_intensity(gray_png):
-    mapper = SSDDatasetMapper(make_cfg(EXPAND_PROB=0.0, CROP_SKIP_PROB=1.0), is_train=True)
+    mapper = SSDDatasetMapper(mapper_cfg(EXPAND_PROB=0.0, CROP_SKIP_PROB=1.0), is_train=True)
     scale = np.array([OUT_W / 80, OUT_H / 56] * 2)
     resized = np.array([box for box, _ in BOXES], np.float32) * scale
     mirrored = resized.copy()
@@ -152,7 +151,7 @@ def test_crop_keeps_boxes_by_centre_and_clips_them(gray_png):
 
 
 def test_images_without_boxes_pass_through(gray_png):
-    mapper = SSDDatasetMapper(make_cfg(EXPAND_PROB=1.0, CROP_SKIP_PROB=0.0), is_train=True)
+    mapper = SSDDatasetMapper(mapper_cfg(EXPAND_PROB=1.0, CROP_SKIP_PROB=0.0), is_train=True)
     for seed in range(5):
         np.random.seed(seed)
         out = mapper(record(gray_png, annotations=[]))
@@ -160,19 +159,19 @@ def test_images_without_boxes_pass_through(gray_png):
     src = record(gray_png)
     del src["annotations"]
     assert len(mapper(src)["instances"]) == 0
-    test_out = SSDDatasetMapper(make_cfg(), is_train=False)(record(gray_png, annotations=[]))
+    test_out = SSDDatasetMapper(mapper_cfg(), is_train=False)(record(gray_png, annotations=[]))
     assert len(test_out["instances"]) == 0
 
 
 @pytest.mark.parametrize("image_format", ["BGR", "RGB"])
 def test_colour_formats(tmp_path, image_format):
     png = write_image(tmp_path / "colour.png", mode="RGB")
-    test_out = SSDDatasetMapper(make_cfg(image_format), is_train=False)(record(png))
+    test_out = SSDDatasetMapper(mapper_cfg(image_format), is_train=False)(record(png))
     assert test_out["image"].shape == (3, OUT_H, OUT_W)
     # A pixel inside the class-1 nodule, written as RGB (240, 120, 60).
     centre = test_out["image"][:, OUT_H * 36 // 56, OUT_W * 59 // 80].tolist()
     assert centre == ([60, 120, 240] if image_format == "BGR" else [240, 120, 60])
-    mapper = SSDDatasetMapper(make_cfg(image_format, EXPAND_PROB=1.0), is_train=True)
+    mapper = SSDDatasetMapper(mapper_cfg(image_format, EXPAND_PROB=1.0), is_train=True)
     for seed in range(5):
         np.random.seed(seed)
         out = mapper(record(png))
@@ -181,12 +180,12 @@ def test_colour_formats(tmp_path, image_format):
 
 def test_grayscale_config_reads_colour_files_as_one_channel(tmp_path):
     png = write_image(tmp_path / "colour.png", mode="RGB")
-    out = SSDDatasetMapper(make_cfg(), is_train=True)(record(png))
+    out = SSDDatasetMapper(mapper_cfg(), is_train=True)(record(png))
     assert out["image"].shape == (1, OUT_H, OUT_W)
 
 
 def test_seeded_runs_repeat(gray_png):
-    mapper = SSDDatasetMapper(make_cfg(EXPAND_PROB=0.8), is_train=True)
+    mapper = SSDDatasetMapper(mapper_cfg(EXPAND_PROB=0.8), is_train=True)
 
     def run(seed):
         np.random.seed(seed)
@@ -207,13 +206,13 @@ def test_explicit_arguments(gray_png):
 
 def test_xywh_annotations_are_converted(gray_png):
     annos = [{"bbox": [8, 6, 26, 24], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}]
-    out = SSDDatasetMapper(make_cfg(), is_train=False)(record(gray_png, annotations=annos))
+    out = SSDDatasetMapper(mapper_cfg(), is_train=False)(record(gray_png, annotations=annos))
     expected = torch.tensor([[8 * 0.8, 6 * 48 / 56, 34 * 0.8, 30 * 48 / 56]])
     torch.testing.assert_close(out["instances"].gt_boxes.tensor, expected)
 
 
 def test_bad_files_raise_errors_naming_the_file(tmp_path, gray_png):
-    mapper = SSDDatasetMapper(make_cfg(), is_train=False)
+    mapper = SSDDatasetMapper(mapper_cfg(), is_train=False)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
     for path in (str(broken), str(tmp_path / "missing.png")):
@@ -229,7 +228,7 @@ def test_real_tn5000_images(tn5000_datasets):
 
     TN5000 = os.path.join(tn5000_datasets, "TN5000")
     names = sorted(os.listdir(os.path.join(TN5000, "Annotations")))[:3]
-    cfg = make_cfg()
+    cfg = mapper_cfg()
     cfg.INPUT.FIXED_SIZE = (128, 128)
     train, test = SSDDatasetMapper(cfg, is_train=True), SSDDatasetMapper(cfg, is_train=False)
     np.random.seed(0)

@@ -88,12 +88,12 @@ def test_registered_tiny_set_is_generated_on_first_use(tmp_path, monkeypatch):
     assert sum(len(r["annotations"]) for r in records) > 0
 
 
-def test_make_phantoms_tool(tmp_path, load_tool, capsys):
-    tool = load_tool("make_phantoms")
-    json_file = tool.main(
+def test_make_phantoms_tool(tmp_path, tool, capsys):
+    make_phantoms = tool("make_phantoms")
+    json_file = make_phantoms.main(
         ["--output", str(tmp_path / "p"), "--num-images", "2", "--size", "64", "64"]
     )
     assert len(json.loads(open(json_file).read())["images"]) == 2
     assert "DATASETS.COCO_REGISTER" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        tool.main(["--output", str(tmp_path / "p"), "--num-images", "2"])
+        make_phantoms.main(["--output", str(tmp_path / "p"), "--num-images", "2"])

@@ -1,17 +1,17 @@
 """SSD augmentations: each one on a hand-built image whose box contents are known."""
 import numpy as np
 import pytest
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import CropTransform, NoOpTransform
 
-from thyroid_det.config import add_mccnn_config
 from thyroid_det.data.transforms import (
     FillPadTransform,
     MinIoURandomCrop,
     RandomExpand,
     build_ssd_augmentation,
 )
+
+from ..conftest import make_cfg
 
 BACKGROUND, NODULE = 20, 230
 
@@ -136,9 +136,8 @@ def test_horizontal_flip_moves_boxes_with_content():
         assert (out[by0 + 1 : by1 - 1, bx0 + 1 : bx1 - 1] >= NODULE - 1).all()
 
 
-def make_cfg(**ssd_aug):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
+def augmentation_cfg(**ssd_aug):
+    cfg = make_cfg()
     cfg.INPUT.FIXED_SIZE = (48, 64)
     cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = "L", [58.6], [50.2]
     for key, value in ssd_aug.items():
@@ -148,20 +147,20 @@ def make_cfg(**ssd_aug):
 
 def test_build_ssd_augmentation_pipelines():
     kinds = lambda augs: [type(a).__name__ for a in augs]  # noqa: E731
-    cfg = make_cfg()
+    cfg = augmentation_cfg()
     assert kinds(build_ssd_augmentation(cfg, True)) == [
         "RandomApply", "RandomApply", "RandomExpand", "MinIoURandomCrop", "Resize", "RandomFlip"
     ]
     assert kinds(build_ssd_augmentation(cfg, False)) == ["Resize"]
-    assert kinds(build_ssd_augmentation(make_cfg(PHOTOMETRIC=False), True))[0] == "RandomExpand"
-    assert kinds(build_ssd_augmentation(make_cfg(ENABLED=False), True)) == ["Resize", "RandomFlip"]
+    assert kinds(build_ssd_augmentation(augmentation_cfg(PHOTOMETRIC=False), True))[0] == "RandomExpand"
+    assert kinds(build_ssd_augmentation(augmentation_cfg(ENABLED=False), True)) == ["Resize", "RandomFlip"]
     cfg.INPUT.RANDOM_FLIP = "none"
     assert kinds(build_ssd_augmentation(cfg, True))[-1] == "Resize"
 
 
 def test_full_pipeline_outputs_fixed_size_and_is_seeded():
     img, boxes = nodule_image()
-    augs = T.AugmentationList(build_ssd_augmentation(make_cfg(EXPAND_PROB=1.0), True))
+    augs = T.AugmentationList(build_ssd_augmentation(augmentation_cfg(EXPAND_PROB=1.0), True))
     results = []
     for seed in (3, 3, 4):
         np.random.seed(seed)

@@ -9,6 +9,8 @@ from torch import nn
 
 from thyroid_det.engine import CheckpointError, Checkpointer, load_inference_weights
 
+from ..conftest import make_cfg
+
 
 def small_model():
     torch.manual_seed(0)
@@ -87,16 +89,11 @@ def test_resume_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
 
 
 def test_the_trainer_saves_through_it(tmp_path, phantom_root, tiny_opts):
-    from detectron2.config import get_cfg
     from detectron2.engine import hooks
 
-    from thyroid_det import add_mccnn_config
     from thyroid_det.engine import Trainer
 
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
-                                     "mssd_vgg16_synthetic.yaml"))  # fmt: skip
+    cfg = make_cfg("mssd_vgg16_synthetic.yaml")
     data = ["DATASETS.TRAIN", "('synthetic_tiny',)", "DATASETS.TEST", "()"]
     cfg.merge_from_list(tiny_opts + data + ["OUTPUT_DIR", str(tmp_path)])
     trainer = Trainer(cfg)

@@ -6,13 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.engine import Predictor
 
-from ..conftest import TINY_MODEL
+from ..conftest import make_cfg
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
 # Base-R50-FPN.yaml is only a base (backbone, data, schedule): it names no model to build.
@@ -26,11 +24,7 @@ TINY_EXTRA = [
 
 
 def load_cfg(path):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list([v for pair in TINY_MODEL.items() for v in pair] + TINY_EXTRA)
-    return cfg
+    return make_cfg(path, TINY_EXTRA, tiny=True)
 
 
 def bgr_image(height=90, width=150):

@@ -22,6 +22,8 @@ from thyroid_det.evaluation.metrics import (
     youden_threshold,
 )
 
+from ..conftest import make_cfg
+
 _names = itertools.count()
 
 
@@ -309,12 +311,7 @@ def test_unknown_image_is_named():
 
 
 def test_build_evaluators_class_agnostic_coco(tmp_path):
-    from detectron2.config import get_cfg
-
-    from thyroid_det import add_mccnn_config
-
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
+    cfg = make_cfg()
     cfg.TEST.NODULE_EVAL.BOOTSTRAP = 50
     records, outputs = four_images([0.9, 0.9, 0.9, 0.9])
     name = register(records)

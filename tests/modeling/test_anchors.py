@@ -1,6 +1,5 @@
 """NodulePriorAnchorGenerator (counts, shapes, placement, caching) and tools/fit_priors.py."""
 
-import importlib.util
 import math
 import os
 
@@ -8,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_anchor_generator
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.structures import BoxMode
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.anchor_generator import NodulePriorAnchorGenerator
+
+from ..conftest import make_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -128,9 +127,7 @@ def test_cache_returns_copies():
 
 
 def test_built_from_config_and_bad_config_errors():
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ssd512_vgg16.yaml"))
+    cfg = make_cfg("ssd512_vgg16.yaml")
     shapes = [ShapeSpec(stride=8 * 2**i) for i in range(7)]
     gen = build_anchor_generator(cfg, shapes)
     assert isinstance(gen, NodulePriorAnchorGenerator) and gen.relative
@@ -144,17 +141,8 @@ def test_built_from_config_and_bad_config_errors():
         build_anchor_generator(cfg, shapes)
 
 
-def load_fit_priors():
-    spec = importlib.util.spec_from_file_location(
-        "fit_priors", os.path.join(REPO, "tools", "fit_priors.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_fit_priors_helpers():
-    fp = load_fit_priors()
+def test_fit_priors_helpers(tool):
+    fp = tool("fit_priors")
     sizes, ratios = fp.ssd_default_boxes(7)
     assert [s[0] for s in sizes] == pytest.approx([0.07, 0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.05])
     assert [len(r) for r in ratios] == [3, 5, 5, 5, 5, 3, 3]
@@ -176,8 +164,8 @@ def test_fit_priors_helpers():
     assert len(geo) == 4 and geo[1] / geo[0] == pytest.approx(geo[2] / geo[1])
 
 
-def test_fit_priors_writes_a_mergeable_fragment_that_covers_better(tmp_path, capsys):
-    fp = load_fit_priors()
+def test_fit_priors_writes_a_mergeable_fragment_that_covers_better(tmp_path, capsys, tool):
+    fp = tool("fit_priors")
     rng = np.random.RandomState(1)
     records = []
     for i in range(12):
@@ -234,7 +222,5 @@ def test_fit_priors_writes_a_mergeable_fragment_that_covers_better(tmp_path, cap
     fragment = yaml.safe_load(out.read_text())
     assert len(fragment["MODEL"]["ANCHOR_GENERATOR"]["RELATIVE_SIZES"]) == 6
     assert all(r > 1.0 for r in fragment["MODEL"]["ANCHOR_GENERATOR"]["ASPECT_RATIOS"][0][1:])
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(str(out))
+    cfg = make_cfg(str(out))
     assert len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS) == 5

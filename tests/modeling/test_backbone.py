@@ -1,20 +1,18 @@
 """VGG16SSD: level sizes and strides on any input size, options, freezing."""
 
 import math
-import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
 from torch import nn
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.backbone.vgg import VGG16SSD, L2Norm
 from thyroid_det.modeling.model_input import model_input_channels
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..conftest import make_cfg
+
 LEVELS = ["conv4_3", "fc7", "extra1", "extra2", "extra3", "extra4", "extra5"]
 
 
@@ -26,9 +24,7 @@ def narrow_vgg(**kwargs):
 
 
 def test_built_from_config_with_grayscale_input():
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ssd512_vgg16.yaml"))
+    cfg = make_cfg("ssd512_vgg16.yaml")
     cfg.MODEL.VGG.WIDTH_MULT = 1 / 16
     backbone = build_backbone(cfg, ShapeSpec(channels=model_input_channels(cfg)))
     assert isinstance(backbone, VGG16SSD)
@@ -104,8 +100,7 @@ def test_freeze_at_freezes_first_stages():
 
 
 def test_shape_spec_channels_reach_first_conv():
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
+    cfg = make_cfg()
     cfg.MODEL.BACKBONE.NAME = "build_vgg16_ssd_backbone"
     cfg.MODEL.VGG.WIDTH_MULT = 1 / 16
     cfg.MODEL.BACKBONE.FREEZE_AT = 0

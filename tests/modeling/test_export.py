@@ -3,20 +3,15 @@ load; the reloaded model gives the eager model's outputs, also on images of anot
 with fewer detections than the traced one."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
 
-from thyroid_det import add_mccnn_config
 
-from ..conftest import TINY_MODEL
+from ..conftest import make_cfg
 
 
 def build(config):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list([item for pair in TINY_MODEL.items() for item in pair])
+    cfg = make_cfg(config, tiny=True)
     torch.manual_seed(0)
     return build_model(cfg).eval()
 

@@ -1,28 +1,23 @@
 """MCCNN: both schedules train, freezing really freezes, inference fields, the stage hook."""
-import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch.nn import DataParallel
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.engine.hooks import CascadeStageHook
 from thyroid_det.modeling.meta_arch.mccnn import MCCNN
 from thyroid_det.modeling.meta_arch.ssd import MultiScaleSSD
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+from ..conftest import make_cfg
 
 
 def tiny_cfg(schedule="sequential", detector_iters=2):
     """configs/mccnn_synthetic.yaml shrunk to a 64-px, 4-level, 8-channel Ec and a tiny Ef."""
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "mccnn_synthetic.yaml"))
+    cfg = make_cfg("mccnn_synthetic.yaml")
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.VGG.WIDTH_MULT = 1 / 16
     cfg.MODEL.VGG.EXTRA_CHANNELS = [16, 16]
@@ -257,9 +252,7 @@ def _lr_after(cfg, steps):
 def test_shipped_recipes_cosine_decay_then_restart_for_the_refiner(name):
     """The from-scratch recipes: cosine to ~0 over Ec's stage, warm-up and cosine again for the
     refiner, and the very last step works."""
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    cfg = make_cfg(name)
     assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR" and cfg.SOLVER.EMA.ENABLED
     detector, total, base = cfg.MODEL.MCCNN.DETECTOR_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR
     assert _lr_after(cfg, detector // 2) == pytest.approx(base / 2, rel=0.05)

@@ -2,21 +2,16 @@
 import os
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from thyroid_det import add_mccnn_config
 
-from ..conftest import TINY_MODEL
+from ..conftest import make_cfg
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mccnn_synthetic.yaml")
 
 
 def test_batch_of_8_calls_the_refiner_once():
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list([v for pair in TINY_MODEL.items() for v in pair])
+    cfg = make_cfg(CONFIG, tiny=True)
     cfg.MODEL.SSD.SCORE_THRESH_TEST = 0.0
     torch.manual_seed(0)
     model = build_model(cfg).eval()

@@ -7,24 +7,21 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from torch.nn import functional as F
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.meta_arch.ssd import MultiScaleSSD
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..conftest import make_cfg
+
 CONFIGS = ["ssd512_vgg16.yaml", "mssd_vgg16.yaml", "mssd_vgg16_synthetic.yaml"]
 
 
 def tiny_cfg(config="mssd_vgg16.yaml"):
     """A real config file at 1/16 width on CPU (its levels and anchors unchanged)."""
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", config))
+    cfg = make_cfg(config)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.VGG.WIDTH_MULT = 1 / 16
     return cfg
@@ -271,9 +268,7 @@ def test_inference_nms_class_agnostic_and_classwise(model):
 
 
 def test_any_named_backbone_and_default_anchor_generator():
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-SSD.yaml"))
+    cfg = make_cfg("Base-SSD.yaml")
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.RESNETS.DEPTH = 18

@@ -5,16 +5,14 @@ import logging
 import pytest
 import torch
 import torchvision
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch.nn import functional as F
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.engine import CheckpointError, Checkpointer
 from thyroid_det.modeling.backbone.vgg_imagenet import IMAGENET_MEAN, IMAGENET_STD
 from thyroid_det.modeling.model_input import to_luma
 
-from ..conftest import TINY_MODEL
+from ..conftest import TINY_MODEL, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +29,8 @@ def vgg16_file(tmp_path_factory):
 
 
 def build(config, **overrides):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(config)
     opts = {**TINY_MODEL, "MODEL.VGG.WIDTH_MULT": "1.0", "MODEL.WEIGHTS": "", **overrides}
-    cfg.merge_from_list([item for pair in opts.items() for item in pair])
+    cfg = make_cfg(config, opts)
     torch.manual_seed(1)
     return cfg, build_model(cfg).eval()
 
