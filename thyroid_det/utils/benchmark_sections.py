@@ -22,6 +22,7 @@ from detectron2.utils.events import EventStorage
 from ..data.datasets.phantoms import render_phantom
 from ..data.mapper import SSDDatasetMapper
 from ..engine import load_cfg
+from ..modeling.meta_arch.mccnn import detections_to_proposals
 from ..modeling.model_input import model_input_channels
 from .benchmark_models import (
     DetectionCounter,
@@ -142,17 +143,17 @@ def run_refiner(bench, args):
     image_list = ImageList(((images.float() - model.pixel_mean) / model.pixel_std)[None],
                            [tuple(args.size)])
 
-    def refine_fn(detections):
+    def refine_fn(k):
+        detections = random_detections(k, args.size, args.seed, bench.device)
+        (proposals,) = detections_to_proposals([detections])  # as MCCNN feeds its ROI heads
+
         def refine():
             with torch.no_grad(), bench.autocast():
-                heads(image_list, {}, [detections])
+                heads(image_list, {}, [proposals])
 
         return refine
 
-    fns = {
-        k: refine_fn(random_detections(k, args.size, args.seed, bench.device))
-        for k in args.refiner_detections
-    }
+    fns = {k: refine_fn(k) for k in args.refiner_detections}
     group, timings = bench.time_round_robin(fns, args.repeats)
     for k, timing in timings.items():
         row = bench.add("refiner", f"inference, {k} detections", 1, timing, group)
