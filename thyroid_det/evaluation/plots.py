@@ -9,6 +9,16 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from ..utils.file_io import atomic_path
 
 
+def _label_axes(ax, xlabel, ylabel, title):
+    """The axes' labels, title, legend (lower right) and grid, and the y range [0, 1]."""
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def _save(fig, path):
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
@@ -36,12 +46,9 @@ def plot_roc_curves(curves, path, title="ROC"):
         auc = roc_auc_score(y_true, y_score)
         ax.plot(fpr, tpr, linewidth=1.5, label=f"{label} (AUC {auc:.3f})")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("1 - specificity (false positive rate)")
-    ax.set_ylabel("sensitivity (true positive rate)")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
+    _label_axes(
+        ax, "1 - specificity (false positive rate)", "sensitivity (true positive rate)", title
+    )
     _save(fig, path)
 
 
@@ -67,12 +74,7 @@ def plot_froc_curves(curves, path, fp_rates, title="FROC"):
     ax.set_xticks(fp_rates)
     ax.set_xticklabels([f"{r:g}" for r in fp_rates])
     ax.set_xlim(min(fp_rates) / 2, max(fp_rates) * 1.5)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positives per image")
-    ax.set_ylabel("detection sensitivity")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
+    _label_axes(ax, "false positives per image", "detection sensitivity", title)
     _save(fig, path)
 
 
