@@ -4,25 +4,23 @@ peer configs, and the single-image Predictor on every one of them and on the ful
 Each config is built from its file with tiny widths (ResNet-18, 32-channel FPN, 1/16-width VGG)
 at 128 px, trained for one step and run through :class:`thyroid_det.engine.Predictor`.
 """
-import os
 
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, RetinaNet, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.engine import Predictor
 from thyroid_det.modeling.anchor_generator import NodulePriorAnchorGenerator
 from thyroid_det.modeling.meta_arch import MCCNN, MultiScaleSSD
 from thyroid_det.modeling.roi_heads import RefinerROIHeads
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs")
+from ..conftest import make_cfg
+
 SIZE = 128
 TINY_RESNET = [
     "MODEL.RESNETS.DEPTH", 18,
@@ -64,10 +62,7 @@ COMPOSITIONS = {
 
 
 def load_cfg(name, extra=()):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
-    cfg.merge_from_list(list(COMPOSITIONS[name][1]) + list(extra))
+    cfg = make_cfg(name, list(COMPOSITIONS[name][1]) + list(extra))
     cfg.MODEL.DEVICE = "cpu"
     cfg.INPUT.FIXED_SIZE = (SIZE, SIZE)
     cfg.TEST.DETECTIONS_PER_IMAGE = 8
@@ -247,9 +242,7 @@ def test_project_configs_resize_to_the_fixed_size_in_detectron2_paths():
     for name in ["Base-SSD.yaml", "mssd_vgg16.yaml", "mccnn.yaml"] + sorted(
         n for n in COMPOSITIONS if "synthetic" not in n
     ):
-        cfg = get_cfg()
-        add_mccnn_config(cfg)
-        cfg.merge_from_file(os.path.join(CONFIGS, name))
+        cfg = make_cfg(name)
         assert cfg.INPUT.FORMAT == "BGR" and len(cfg.MODEL.PIXEL_MEAN) == 3, name
         if cfg.MODEL.META_ARCHITECTURE in ("MultiScaleSSD", "MCCNN"):
             assert cfg.INPUT.MIN_SIZE_TEST == 0, name

@@ -1,21 +1,20 @@
 """Refiner networks (Ef): every variant at every crop size, the spatial pyramid module."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.refiner_nets import (
     REFINER_REGISTRY,
     SpatialPyramidModule,
     build_refiner,
 )
 
+from ..conftest import make_cfg
+
 VARIANTS = ("AlexNetSPConv5", "AlexNetSPPool5", "AlexNet", "GoogLeNet")
 
 
 def tiny_cfg(name, norm="BN"):
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
+    cfg = make_cfg()
     cfg.MODEL.REFINER.NAME = name
     cfg.MODEL.REFINER.WIDTH_MULT = 0.125
     cfg.MODEL.REFINER.FC_DIM = 16

@@ -3,14 +3,12 @@ import math
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from thyroid_det import add_mccnn_config
 from thyroid_det.modeling.meta_arch.mccnn import detections_to_proposals
 from thyroid_det.modeling.roi_heads.refiner import (
     RefinerROIHeads,
@@ -19,6 +17,8 @@ from thyroid_det.modeling.roi_heads.refiner import (
     jitter_boxes,
     square_context_boxes,
 )
+
+from ..conftest import make_cfg
 
 
 class FixedProbs(nn.Module):
@@ -256,8 +256,7 @@ def test_training_loss_backward_and_empty_batch():
 
 
 def refiner_cfg():
-    cfg = get_cfg()
-    add_mccnn_config(cfg)
+    cfg = make_cfg()
     cfg.MODEL.ROI_HEADS.NAME = "RefinerROIHeads"
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
     cfg.MODEL.REFINER.WIDTH_MULT = 0.125
