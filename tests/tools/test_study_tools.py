@@ -61,30 +61,22 @@ def test_cross_validate_trains_and_summarises_each_fold(tmp_path, phantom_root, 
     assert json.loads((out / "cv_metrics.json").read_text())["per_fold"] == report["per_fold"]
 
 
+def study_argv(config_file, random_weights, output, extra=()):
+    """classifier_study.py's arguments: the config's random tiny weights on synthetic_tiny."""
+    return [
+        "--config-file", config_file, "--weights", random_weights(config_file),
+        "--dataset", "synthetic_tiny", "--output", str(output), *extra,
+    ]  # fmt: skip
+
+
 def test_classifier_study_reports_every_classifier(
     tmp_path, phantom_root, tool, tiny_opts, random_weights
 ):
     study = tool("classifier_study")
     config_file = config("mccnn_synthetic.yaml", "mccnn.yaml")
     out = tmp_path / "study"
-    report = study.main(
-        [
-            "--config-file",
-            config_file,
-            "--weights",
-            random_weights(config_file),
-            "--dataset",
-            "synthetic_tiny",
-            "--test-dataset",
-            "synthetic_tiny",
-            "--output",
-            str(out),
-            "--quick",
-            "--cv",
-            "2",
-        ]
-        + tiny_opts
-    )
+    extra = ["--test-dataset", "synthetic_tiny", "--quick", "--cv", "2"]
+    report = study.main(study_argv(config_file, random_weights, out, extra) + tiny_opts)
     names = set(report["results"])
     assert len(names) == 8 and "refiner softmax" in names and "gradient-boosted trees" in names
     for result in report["results"].values():
@@ -103,16 +95,4 @@ def test_classifier_study_rejects_a_model_without_refiner(
     study = tool("classifier_study")
     config_file = config("mssd_vgg16_synthetic.yaml", "mssd_vgg16.yaml")
     with pytest.raises(SystemExit, match="has no refiner"):
-        study.main(
-            [
-                "--config-file",
-                config_file,
-                "--weights",
-                random_weights(config_file),
-                "--dataset",
-                "synthetic_tiny",
-                "--output",
-                str(tmp_path),
-            ]
-            + tiny_opts
-        )
+        study.main(study_argv(config_file, random_weights, tmp_path) + tiny_opts)
