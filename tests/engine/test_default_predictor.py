@@ -20,6 +20,8 @@ TINY_EXTRA = [
     "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.FPN.OUT_CHANNELS", 32,
     "MODEL.SSD.SCORE_THRESH_TEST", 0.0, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+    # random weights: mccnn_imagenet.yaml names an ImageNet file that is fetched online
+    "MODEL.WEIGHTS", "",
 ]
 
 
