@@ -50,4 +50,9 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     # module; a CPU module takes device_ids=None.
     d2_defaults.create_ddp_model = functools.partial(d2_defaults.create_ddp_model, device_ids=None)
     comm.synchronize()
-    main_func(*args)
+    try:
+        main_func(*args)
+    finally:
+        # Without this, gloo's threads can outlive the interpreter's teardown and abort the
+        # process ("terminate called without an active exception") after a successful run.
+        dist.destroy_process_group()
