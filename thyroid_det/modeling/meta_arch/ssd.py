@@ -81,12 +81,14 @@ class SSDHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec], num_anchors: List[int]):
+        focal = cfg.MODEL.SSD.CLS_LOSS_TYPE == "sigmoid_focal"
         return {
             "input_shape": input_shape,
             "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
             "num_anchors": num_anchors,
-            "background_logit": cfg.MODEL.SSD.CLS_LOSS_TYPE == "softmax_mined",
-            "prior_prob": cfg.MODEL.SSD.PRIOR_PROB if cfg.MODEL.SSD.CLS_LOSS_TYPE != "softmax_mined" else 0.0,
+            # the focal loss's sigmoids need no background logit, and start at the prior
+            "background_logit": not focal,
+            "prior_prob": cfg.MODEL.SSD.PRIOR_PROB if focal else 0.0,
         }
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
