@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import xml.etree.ElementTree as ET
 from collections import defaultdict
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from ...utils.file_io import atomic_write_json
 from ..image_io import image_size
+from .voc import BOX_TOLERANCE, read_voc_boxes  # noqa: F401  (BOX_TOLERANCE: coco.py)
 
 __all__ = [
     "CLASS_NAMES",
@@ -42,9 +42,6 @@ VOC_LABELS = {"0": 0, "1": 1, "benign": 0, "malignant": 1}
 SPLITS = ("train", "val", "trainval", "test")
 # A copy group listed in several split files goes to the most held-out one.
 SPLIT_PRIORITY = ("test", "val", "train", "trainval")
-# Boxes may overshoot the image by this many pixels (annotation tools round outwards); they are
-# clipped. Anything further out is an annotation error.
-BOX_TOLERANCE = 2.0
 _MAX_LISTED_PROBLEMS = 20
 
 
@@ -253,7 +250,10 @@ def _merge_group(dirname, members, images, problems, stats):
     """One record for a group of identical image files; None if an XML has a problem."""
     annotations, origin, ok = [], {}, True
     for image_id in members:
-        boxes = _parse_xml(dirname, image_id, images[image_id], problems, stats)
+        image, rel = images[image_id], f"Annotations/{image_id}.xml"
+        boxes = read_voc_boxes(
+            dirname, rel, image["width"], image["height"], VOC_LABELS, problems, stats
+        )
         if boxes is None:
             ok = False
             continue
@@ -287,111 +287,6 @@ def _merge_group(dirname, members, images, problems, stats):
         "annotations": annotations,
         "source_ids": list(members),
     }
-
-
-def _parse_xml(dirname, image_id, image, problems, stats):
-    """[(category_id, (x0, y0, x1, y1))] in the image's 0-based frame, or None on a problem."""
-    rel = f"Annotations/{image_id}.xml"
-    path = os.path.join(dirname, rel)
-    n_problems = len(problems)
-    try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        problems.append((rel, "annotation file not found"))
-        return None
-    except (ET.ParseError, OSError) as e:
-        problems.append((rel, f"cannot parse XML ({e})"))
-        return None
-
-    width, height = image["width"], image["height"]
-    xml_size = None
-    if root.find("size") is not None:
-        try:
-            xml_size = (_number(root, "size/width"), _number(root, "size/height"))
-        except ValueError as e:
-            problems.append((rel, str(e)))
-            return None
-
-    boxes = []
-    for i, obj in enumerate(root.findall("object")):
-        where = f"object {i + 1}"
-        name = (obj.findtext("name") or "").strip()
-        if name not in VOC_LABELS:
-            known = ", ".join(sorted(VOC_LABELS))
-            problems.append((rel, f"{where}: unknown label {name!r} (known: {known})"))
-            continue
-        try:
-            xmin, ymin, xmax, ymax = (
-                _number(obj, f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")
-            )
-        except ValueError as e:
-            problems.append((rel, f"{where}: {e}"))
-            continue
-        box = (xmin - 1.0, ymin - 1.0, xmax, ymax)
-        if box[2] <= box[0] or box[3] <= box[1]:
-            problems.append((rel, f"{where}: degenerate box {_voc(xmin, ymin, xmax, ymax)}"))
-            continue
-        boxes.append((VOC_LABELS[name], box, where, (xmin, ymin, xmax, ymax)))
-
-    if xml_size is not None and xml_size != (width, height):
-        outside = [b for b in boxes if not _inside(b[1], width, height)]
-        if outside:
-            problems.append(
-                (
-                    rel,
-                    f"<size> says {xml_size[0]:g}x{xml_size[1]:g} but the image is "
-                    f"{width}x{height}, and box {_voc(*outside[0][3])} does not fit the image",
-                )
-            )
-            return None
-        logger.warning(
-            f"{rel}: <size> says {xml_size[0]:g}x{xml_size[1]:g} but the image is "
-            f"{width}x{height}; all boxes fit the image, using its size."
-        )
-
-    out = []
-    for category_id, box, where, voc in boxes:
-        if not _inside(box, width, height):
-            problems.append(
-                (rel, f"{where}: box {_voc(*voc)} lies outside the {width}x{height} image")
-            )
-            continue
-        clipped = (
-            min(max(box[0], 0.0), width),
-            min(max(box[1], 0.0), height),
-            min(max(box[2], 0.0), width),
-            min(max(box[3], 0.0), height),
-        )
-        if clipped != box:
-            stats["clipped_boxes"] += 1
-            if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-                problems.append((rel, f"{where}: box {_voc(*voc)} has no area inside the image"))
-                continue
-        out.append((category_id, clipped))
-    if len(problems) > n_problems:
-        return None
-    if not out:
-        stats["images_without_boxes"] += 1
-    return out
-
-
-def _number(node, path):
-    text = node.findtext(path)
-    if text is None:
-        raise ValueError(f"missing <{path}>")
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"<{path}> is not a number: {text.strip()!r}") from None
-
-
-def _inside(box, width, height):
-    tol = BOX_TOLERANCE
-    return box[0] >= -tol and box[1] >= -tol and box[2] <= width + tol and box[3] <= height + tol
-
-
-def _voc(xmin, ymin, xmax, ymax):
-    return f"(xmin={xmin:g}, ymin={ymin:g}, xmax={xmax:g}, ymax={ymax:g})"
 
 
 def _raise_if_problems(dirname, problems):
