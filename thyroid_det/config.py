@@ -95,8 +95,10 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.SCORE_THRESH_TEST = 0.01
     _C.MODEL.SSD.TOPK_CANDIDATES_TEST = 400
     _C.MODEL.SSD.NMS_THRESH_TEST = 0.45
-    # NMS across classes: one nodule is never reported as both benign and malignant.
-    _C.MODEL.SSD.CLASS_AGNOSTIC_NMS = True
+    # NMS per class, as SSD: a nodule may be reported once per class, so per-class AP ranks
+    # every nodule under both classes. True: one box per nodule with its most likely class
+    # (README, "One box per nodule").
+    _C.MODEL.SSD.CLASS_AGNOSTIC_NMS = False
 
     # ---------------------------------------------------------------------------------------
     # Refiner (Ef) network and its ROI heads

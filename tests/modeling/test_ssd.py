@@ -243,8 +243,12 @@ def test_inference_nms_class_agnostic_and_classwise(model):
     # columns: benign, malignant, background
     logits = [_probs_to_logits([[0.6, 0.3, 0.1], [0.4, 0.5, 0.1], [0.004, 0.004, 0.992]])]
     deltas = [torch.zeros(1, 3, 4)]
-    assert model.class_agnostic_nms
-    (result,) = model.ssd_inference(anchors, logits, deltas, [(64, 64)])
+    default_nms = model.class_agnostic_nms
+    model.class_agnostic_nms = True
+    try:
+        (result,) = model.ssd_inference(anchors, logits, deltas, [(64, 64)])
+    finally:
+        model.class_agnostic_nms = default_nms
     assert len(result) == 1
     assert result.pred_classes.tolist() == [0]
     assert result.scores.tolist() == pytest.approx([0.6])
@@ -257,7 +261,7 @@ def test_inference_nms_class_agnostic_and_classwise(model):
         model.max_detections_per_image = 1
         (capped,) = model.ssd_inference(anchors, logits, deltas, [(64, 64)])
     finally:
-        model.class_agnostic_nms = True
+        model.class_agnostic_nms = default_nms
         model.max_detections_per_image = 100
     assert sorted(zip(result.pred_classes.tolist(), result.scores.tolist())) == [
         (0, pytest.approx(0.6)),
@@ -342,9 +346,12 @@ def test_overfits_phantoms_and_boxes_land():
         iou = pairwise_iou(gt.gt_boxes, pred.pred_boxes)
         for g in range(len(gt)):
             total += 1
-            if len(pred) and iou[g].max() >= 0.5:
+            hits = (iou[g] >= 0.5).nonzero()[:, 0]
+            if len(hits):
                 found += 1
-                correct += int(pred.pred_classes[iou[g].argmax()] == gt.gt_classes[g])
+                # per-class NMS may keep the nodule under both classes: its best-scored one counts
+                best = hits[pred.scores[hits].argmax()]
+                correct += int(pred.pred_classes[best] == gt.gt_classes[g])
     assert found / total >= 0.8
     assert correct / total >= 0.6
 
