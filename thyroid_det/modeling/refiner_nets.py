@@ -5,19 +5,19 @@ Every network maps a batch of square grayscale crops (N, C, S, S) to logits over
 features the paper feeds to the classical classifiers in its classifier study).
 """
 import functools
-import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, cat, get_norm
+from detectron2.layers import Conv2d, cat
 from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 from torch import nn
 from torchvision.models.googlenet import GoogLeNet as _TorchvisionGoogLeNet
 from torchvision.models.googlenet import Inception, InceptionAux
 
+from .layers import norm_layer, scaled_channels
 from .model_input import model_input_channels
 
 __all__ = [
@@ -48,14 +48,6 @@ def build_refiner(cfg, num_classes: int = 2):
     return REFINER_REGISTRY.get(cfg.MODEL.REFINER.NAME)(cfg, num_classes=num_classes)
 
 
-def _norm(norm: str, channels: int) -> Optional[nn.Module]:
-    """detectron2's ``get_norm``, except that GroupNorm uses as many groups (up to 32) as divide
-    ``channels``, so that narrow networks (``WIDTH_MULT`` < 1) and 1/N pyramid levels still work."""
-    if norm == "GN":
-        return nn.GroupNorm(math.gcd(32, channels), channels)
-    return get_norm(norm, channels)
-
-
 def _conv(in_channels, out_channels, kernel_size, norm, stride=1, padding=None):
     """Conv + norm + ReLU; the bias is dropped when a norm follows."""
     if padding is None:
@@ -67,7 +59,7 @@ def _conv(in_channels, out_channels, kernel_size, norm, stride=1, padding=None):
         stride=stride,
         padding=padding,
         bias=not norm,
-        norm=_norm(norm, out_channels),
+        norm=norm_layer(norm, out_channels),
         activation=nn.ReLU(inplace=True),  # in place: saves a copy per layer, as in torchvision
     )
     weight_init.c2_msra_fill(conv)
@@ -188,7 +180,7 @@ class AlexNet(nn.Module):
         return {
             "in_channels": model_input_channels(cfg),
             "num_classes": num_classes,
-            "channels": [max(8, int(round(c * mult / 8)) * 8) for c in ALEXNET_CHANNELS],
+            "channels": [scaled_channels(c, mult) for c in ALEXNET_CHANNELS],
             "fc_dim": cfg.MODEL.REFINER.FC_DIM,
             "dropout": cfg.MODEL.REFINER.DROPOUT,
             "norm": cfg.MODEL.REFINER.NORM,
@@ -241,7 +233,7 @@ class _ConvNormReLU(nn.Module):
         if norm == "BN":
             self.norm = nn.BatchNorm2d(out_channels, eps=1e-3)  # torchvision's setting
         else:
-            self.norm = _norm(norm, out_channels)
+            self.norm = norm_layer(norm, out_channels)
 
     def forward(self, x):
         x = self.conv(x)

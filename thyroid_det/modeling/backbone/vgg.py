@@ -1,13 +1,14 @@
 """VGG-16 truncated for SSD, with SSD's extra layers, as a detectron2 backbone."""
 
-import math
 from typing import Dict, List, Sequence
 
 import torch
-from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 from torch.nn import functional as F
+
+from ..layers import norm_layer, scaled_channels
 
 __all__ = ["VGG16SSD", "L2Norm", "build_vgg16_ssd_backbone"]
 
@@ -22,20 +23,10 @@ _VGG16_STAGES = (
 _FC6_DILATION = 6
 
 
-def _scaled_channels(channels: int, width_mult: float) -> int:
-    """``channels * width_mult`` rounded to a multiple of 8 (at least 8)."""
-    return max(8, int(round(channels * width_mult / 8.0)) * 8)
-
-
-def _norm_layer(norm: str, channels: int):
-    """``get_norm``, except that GN uses gcd(32, channels / 2) groups.
-
-    That is detectron2's GN(32) for every VGG layer at full width, and still leaves two channels
-    per group in narrow nets, which a 1x1 map needs to be normalised at all.
-    """
-    if norm == "GN":
-        return nn.GroupNorm(math.gcd(32, max(channels // 2, 1)), channels)
-    return get_norm(norm, channels)
+# GN groups of at least two channels: gcd(32, channels / 2) groups, detectron2's GN(32) for every
+# layer at full width, and in narrow nets still two channels per group, which a 1x1 map needs to be
+# normalised at all.
+_GN_MIN_GROUP_SIZE = 2
 
 
 class L2Norm(nn.Module):
@@ -106,7 +97,7 @@ class VGG16SSD(Backbone):
                 cin,
                 cout,
                 bias=not norm,
-                norm=_norm_layer(norm, cout),
+                norm=norm_layer(norm, cout, min_group_size=_GN_MIN_GROUP_SIZE),
                 activation=nn.ReLU(inplace=True),
                 **kwargs,
             )
@@ -114,16 +105,16 @@ class VGG16SSD(Backbone):
         self.stage_names = []
         channels = in_channels
         for stage, num_convs, width in _VGG16_STAGES:
-            width = _scaled_channels(width, width_mult)
+            width = scaled_channels(width, width_mult)
             layers = []
             for i in range(num_convs):
                 layers.append(conv(channels, width, kernel_size=3, padding=1))
                 channels = width
             self.add_module(stage, nn.Sequential(*layers))
             self.stage_names.append(stage)
-        self.conv4_3_norm = L2Norm(_scaled_channels(512, width_mult), conv4_3_scale)
+        self.conv4_3_norm = L2Norm(scaled_channels(512, width_mult), conv4_3_scale)
 
-        fc_width = _scaled_channels(1024, width_mult)
+        fc_width = scaled_channels(1024, width_mult)
         self.fc6 = conv(
             channels, fc_width, kernel_size=3, padding=_FC6_DILATION, dilation=_FC6_DILATION
         )
@@ -132,7 +123,7 @@ class VGG16SSD(Backbone):
         channels = fc_width
         self.extra_names = []
         for i, width in enumerate(extra_channels):
-            width = _scaled_channels(width, width_mult)
+            width = scaled_channels(width, width_mult)
             reduce = max(8, width // 2)
             name = f"extra{i + 1}"
             self.add_module(
@@ -145,8 +136,8 @@ class VGG16SSD(Backbone):
             self.extra_names.append(name)
             channels = width
 
-        level_channels = [_scaled_channels(512, width_mult), fc_width] + [
-            _scaled_channels(c, width_mult) for c in extra_channels
+        level_channels = [scaled_channels(512, width_mult), fc_width] + [
+            scaled_channels(c, width_mult) for c in extra_channels
         ]
         self._out_features = list(out_features)
         self._out_feature_channels = dict(zip(names, level_channels))
