@@ -23,5 +23,9 @@ setup(
         "pylibjpeg-libjpeg>=2.1",
         "pylibjpeg-openjpeg>=2.0",
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={
+        # onnx + onnxruntime: the ONNX export test (tests/modeling/test_export.py); tested with
+        # onnx 1.23.2 and onnxruntime 1.32.0 (CPU wheels, about 110 MB installed).
+        "dev": ["pytest", "onnx>=1.23", "onnxruntime>=1.32"],
+    },
 )
