@@ -37,6 +37,16 @@ What the edits change, and why (each is applied to the unpacked sdist, never to 
 * model_zoo/model_zoo.py used ``pkg_resources``, which recent setuptools no longer ships;
   the bundled config path is computed from the package folder instead.
 
+None of these edits is needed by current detectron2 main, which ``--source`` installs unedited:
+a clone has ``layers/csrc`` and main's setup.py pins no black; main guards ``_C`` itself
+(deform_conv.py at its end; roi_align_rotated.py and rotated_boxes.py call ``torch.ops.detectron2``;
+coco_evaluation.py falls back to pycocotools' COCOeval when fast_eval_api.py cannot import ``_C``)
+and caffe2 (export/__init__.py); the NumPy aliases (PR #4975) and ``Image.LINEAR`` (commit ff53992,
+July 2023) are gone. Most of the patterns would not even match main's files, which is why the edits
+are tied to the sdist's sha256. Main still imports ``pkg_resources`` in model_zoo.py (issue #5494),
+so with setuptools >= 82 ``detectron2.model_zoo`` (and ``detectron2.utils.testing``) cannot import
+there; thyroid_det imports neither.
+
 Usage: ``python scripts/install_detectron2.py [--force] [--source DIR]``
 """
 import argparse
@@ -226,11 +236,11 @@ def install_from_source(path):
 def check():
     code = (
         "import detectron2, detectron2.modeling, detectron2.data, detectron2.engine, "
-        "detectron2.evaluation, detectron2.data.transforms;"
+        "detectron2.evaluation, detectron2.data.transforms, detectron2.export;"
         "print('detectron2', detectron2.__version__, 'from', detectron2.__file__)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    log("check passed: modeling, data, engine and evaluation import")
+    log("check passed: modeling, data, engine, evaluation and export import")
 
 
 def main(argv=None):

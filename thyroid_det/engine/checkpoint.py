@@ -74,6 +74,12 @@ class Checkpointer(DetectionCheckpointer):
             raise CheckpointError(
                 f"{path} lacks {e}: not a trained checkpoint of this config's model"
             ) from None
+        finally:
+            # detectron2 after 0.6 keeps the URL being loaded in _parsed_url_during_load, clears
+            # it only when a load succeeds and asserts it is clear when the next load starts:
+            # without this, the load after a failed one (resume's fallback) would assert.
+            if getattr(self, "_parsed_url_during_load", None) is not None:
+                self._parsed_url_during_load = None
 
     def _load_file(self, filename):
         try:
