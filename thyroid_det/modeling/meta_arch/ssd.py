@@ -2,12 +2,11 @@
 
 import inspect
 import logging
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, batched_nms, cat, nonzero_tuple
+from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import (
     META_ARCH_REGISTRY,
     Backbone,
@@ -17,90 +16,17 @@ from detectron2.modeling import (
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
-from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
+from .ssd_head import SSDHead
+from .ssd_inference import ssd_inference_single_image
+from .ssd_loss import label_anchors, multibox_loss
 
 __all__ = ["MultiScaleSSD", "SSDHead"]
 
 logger = logging.getLogger(__name__)
-
-
-class SSDHead(nn.Module):
-    """One 3x3 convolution per level for class logits and one for box deltas (SSD's heads).
-
-    Levels have their own weights and input channels, so any backbone's named outputs (VGG-16
-    levels, ResNet stages, FPN levels) can feed it.
-    """
-
-    @configurable
-    def __init__(
-        self,
-        *,
-        input_shape: List[ShapeSpec],
-        num_classes: int,
-        num_anchors: List[int],
-        background_logit: bool = True,
-        prior_prob: float = 0.0,
-    ):
-        """
-        Args:
-            input_shape: shape of each input level.
-            num_classes: foreground classes.
-            num_anchors: anchors per cell on each level.
-            background_logit: predict ``num_classes + 1`` logits per anchor, background last
-                (softmax); otherwise ``num_classes`` (one sigmoid per class).
-            prior_prob: if > 0, class biases start at ``-log((1 - p) / p)`` so that every anchor
-                starts as foreground with probability ``p`` (RetinaNet's initialisation, which
-                keeps the loss of thousands of easy negatives from swamping the first steps).
-        """
-        super().__init__()
-        if len(input_shape) != len(num_anchors):
-            raise ValueError(
-                f"SSDHead: {len(input_shape)} input levels but anchors for {len(num_anchors)}"
-            )
-        self.num_classes = num_classes
-        num_logits = num_classes + 1 if background_logit else num_classes
-        self.cls_score = nn.ModuleList(
-            nn.Conv2d(s.channels, a * num_logits, kernel_size=3, padding=1)
-            for s, a in zip(input_shape, num_anchors)
-        )
-        self.bbox_pred = nn.ModuleList(
-            nn.Conv2d(s.channels, a * 4, kernel_size=3, padding=1)
-            for s, a in zip(input_shape, num_anchors)
-        )
-        for layer in [*self.cls_score, *self.bbox_pred]:
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
-        if prior_prob > 0:
-            for layer in self.cls_score:
-                nn.init.constant_(layer.bias, -math.log((1 - prior_prob) / prior_prob))
-
-    @classmethod
-    def from_config(cls, cfg, input_shape: List[ShapeSpec], num_anchors: List[int]):
-        focal = cfg.MODEL.SSD.CLS_LOSS_TYPE == "sigmoid_focal"
-        return {
-            "input_shape": input_shape,
-            "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
-            "num_anchors": num_anchors,
-            # the focal loss's sigmoids need no background logit, and start at the prior
-            "background_logit": not focal,
-            "prior_prob": cfg.MODEL.SSD.PRIOR_PROB if focal else 0.0,
-        }
-
-    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """
-        Returns:
-            logits, deltas: per level, (N, A*(C+1), H, W) and (N, A*4, H, W).
-        """
-        if len(features) != len(self.cls_score):
-            raise ValueError(f"SSDHead has {len(self.cls_score)} levels, got {len(features)}")
-        logits = [conv(f) for conv, f in zip(self.cls_score, features)]
-        deltas = [conv(f) for conv, f in zip(self.bbox_pred, features)]
-        return logits, deltas
 
 
 @META_ARCH_REGISTRY.register()
@@ -362,49 +288,16 @@ class MultiScaleSSD(DenseDetector):
         )
         return features, pred_logits, pred_deltas, anchors
 
-    @torch.no_grad()
     def label_anchors(
         self, anchors: List[Boxes], gt_instances: List[Instances]
     ) -> Tuple[Tensor, Tensor]:
-        """Match anchors to ground truth.
+        """Match anchors to ground truth (:func:`label_anchors`).
 
         Returns:
             gt_labels: (N, R) in {-1 (ignore), 0..C-1 (class), C (background)}.
             matched_gt_boxes: (N, R, 4); meaningful only where the label is a class.
         """
-        anchors = Boxes.cat(anchors)
-        labels, matched_boxes = [], []
-        for gt in gt_instances:
-            quality = pairwise_iou(gt.gt_boxes, anchors)
-            matched_idxs, anchor_labels = self.anchor_matcher(quality)
-            if len(gt) > 0:
-                gt_labels = gt.gt_classes[matched_idxs].clone()
-                gt_labels[anchor_labels == 0] = self.num_classes
-                gt_labels[anchor_labels == -1] = -1
-                boxes = gt.gt_boxes.tensor[matched_idxs]
-            else:
-                gt_labels = torch.full_like(matched_idxs, self.num_classes)
-                boxes = torch.zeros_like(anchors.tensor)
-            labels.append(gt_labels)
-            matched_boxes.append(boxes)
-        return torch.stack(labels), torch.stack(matched_boxes)
-
-    @torch.no_grad()
-    def hard_negatives(self, loss: Tensor, negatives: Tensor, num_pos: Tensor) -> Tensor:
-        """Per image, the ``neg_pos_ratio * num_pos`` negatives with the largest loss.
-
-        Args:
-            loss: (N, R) classification loss of every anchor.
-            negatives: (N, R) bool, anchors labelled background.
-            num_pos: (N,) positives per image.
-
-        Returns:
-            (N, R) bool mask of the selected negatives.
-        """
-        num_neg = torch.minimum((num_pos.float() * self.neg_pos_ratio).long(), negatives.sum(dim=1))
-        ranked = loss.masked_fill(~negatives, float("-inf"))
-        rank = ranked.argsort(dim=1, descending=True).argsort(dim=1)
-        return rank < num_neg[:, None]
+        return label_anchors(anchors, gt_instances, self.anchor_matcher, self.num_classes)
 
     def ssd_losses(
         self,
@@ -413,7 +306,7 @@ class MultiScaleSSD(DenseDetector):
         pred_deltas: List[Tensor],
         gt_instances: List[Instances],
     ) -> Dict[str, Tensor]:
-        """SSD's multibox loss.
+        """SSD's multibox loss (:func:`multibox_loss`).
 
         Args:
             anchors: per-level anchors from :meth:`forward_head`.
@@ -427,42 +320,20 @@ class MultiScaleSSD(DenseDetector):
             Non-finite losses are left to detectron2's trainer, which raises on them.
         """
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        anchors = Boxes.cat(anchors).tensor
-        logits = cat(pred_logits, dim=1)
-        deltas = cat(pred_deltas, dim=1)
-
-        positives = (gt_labels >= 0) & (gt_labels < self.num_classes)
-        negatives = gt_labels == self.num_classes
-        num_pos = positives.sum(dim=1)
-        normalizer = num_pos.sum().clamp(min=1).to(logits.dtype)
-
-        pos_image, pos_anchor = nonzero_tuple(positives)
-        target_deltas = self.box2box_transform.get_deltas(
-            anchors[pos_anchor], gt_boxes[pos_image, pos_anchor]
+        return multibox_loss(
+            Boxes.cat(anchors).tensor,
+            cat(pred_logits, dim=1),
+            cat(pred_deltas, dim=1),
+            gt_labels,
+            gt_boxes,
+            num_classes=self.num_classes,
+            box2box_transform=self.box2box_transform,
+            cls_loss_type=self.cls_loss_type,
+            neg_pos_ratio=self.neg_pos_ratio,
+            focal_loss_alpha=self.focal_loss_alpha,
+            focal_loss_gamma=self.focal_loss_gamma,
+            smooth_l1_beta=self.smooth_l1_beta,
         )
-        loss_box_reg = smooth_l1_loss(
-            deltas[pos_image, pos_anchor], target_deltas, self.smooth_l1_beta, reduction="sum"
-        )
-
-        if self.cls_loss_type == "sigmoid_focal":
-            valid = gt_labels >= 0
-            # one-hot over num_classes + 1, background column dropped
-            targets = F.one_hot(gt_labels[valid], self.num_classes + 1)[:, :-1].to(logits.dtype)
-            loss_cls = sigmoid_focal_loss_jit(
-                logits[valid],
-                targets,
-                alpha=self.focal_loss_alpha,
-                gamma=self.focal_loss_gamma,
-                reduction="sum",
-            )
-        else:
-            ce = F.cross_entropy(
-                logits.flatten(0, 1), gt_labels.clamp(min=0).flatten(), reduction="none"
-            ).view_as(gt_labels)
-            selected = positives | self.hard_negatives(ce.detach(), negatives, num_pos)
-            loss_cls = ce[selected].sum()
-
-        return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
 
     @torch.no_grad()
     def ssd_inference(
@@ -483,7 +354,18 @@ class MultiScaleSSD(DenseDetector):
         fg_probs = self.foreground_probs(cat(pred_logits, dim=1))
         deltas = cat(pred_deltas, dim=1)
         return [
-            self._inference_single_image(anchors, fg_probs[i], deltas[i], tuple(image_size))
+            ssd_inference_single_image(
+                anchors,
+                fg_probs[i],
+                deltas[i],
+                tuple(image_size),
+                box2box_transform=self.box2box_transform,
+                score_thresh=self.test_score_thresh,
+                topk_candidates=self.test_topk_candidates,
+                nms_thresh=self.test_nms_thresh,
+                class_agnostic_nms=self.class_agnostic_nms,
+                max_detections_per_image=self.max_detections_per_image,
+            )
             for i, image_size in enumerate(image_sizes)
         ]
 
@@ -493,44 +375,3 @@ class MultiScaleSSD(DenseDetector):
         if self.cls_loss_type == "sigmoid_focal":
             return logits.sigmoid()
         return logits.softmax(dim=-1)[..., : self.num_classes]
-
-    def _inference_single_image(
-        self, anchors: Tensor, fg_probs: Tensor, deltas: Tensor, image_size: Tuple[int, int]
-    ) -> Instances:
-        if self.class_agnostic_nms:
-            scores, classes = fg_probs.max(dim=1)
-            anchor_idxs = nonzero_tuple(scores > self.test_score_thresh)[0]
-            scores, classes = scores[anchor_idxs], classes[anchor_idxs]
-        else:
-            anchor_idxs, classes = nonzero_tuple(fg_probs > self.test_score_thresh)
-            scores = fg_probs[anchor_idxs, classes]
-        # sort and slice rather than topk(min(k, numel)): the same candidates, and a traced
-        # model (detectron2.export) keeps working when fewer than k pass the threshold.
-        scores, order = scores.sort(descending=True, stable=True)
-        scores, order = scores[: self.test_topk_candidates], order[: self.test_topk_candidates]
-        anchor_idxs, classes = anchor_idxs[order], classes[order]
-
-        boxes = Boxes(
-            self.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
-        )
-        boxes.clip(image_size)
-        class_probs = fg_probs[anchor_idxs]
-        class_probs = class_probs / class_probs.sum(dim=1, keepdim=True).clamp(min=1e-12)
-
-        valid = torch.isfinite(boxes.tensor).all(dim=1) & torch.isfinite(scores) & boxes.nonempty()
-        boxes, scores, classes, class_probs = (
-            boxes[valid],
-            scores[valid],
-            classes[valid],
-            class_probs[valid],
-        )
-        nms_groups = torch.zeros_like(classes) if self.class_agnostic_nms else classes
-        keep = batched_nms(boxes.tensor, scores, nms_groups, self.test_nms_thresh)
-        keep = keep[: self.max_detections_per_image]
-
-        result = Instances(image_size)
-        result.pred_boxes = boxes[keep]
-        result.scores = scores[keep]
-        result.pred_classes = classes[keep]
-        result.class_probs = class_probs[keep]
-        return result

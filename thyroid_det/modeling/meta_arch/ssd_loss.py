@@ -1,0 +1,133 @@
+"""SSD's multibox loss: anchors labelled by IoU, smooth-L1 on positives, and cross-entropy on
+positives and hard negatives (or RetinaNet's sigmoid focal loss on every anchor not ignored)."""
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.layers import nonzero_tuple
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["hard_negative_mask", "label_anchors", "multibox_loss"]
+
+
+@torch.no_grad()
+def label_anchors(
+    anchors: List[Boxes], gt_instances: List[Instances], anchor_matcher: Matcher, num_classes: int
+) -> Tuple[Tensor, Tensor]:
+    """Match anchors to ground truth.
+
+    Args:
+        anchors: per-level anchors, concatenated into R.
+        gt_instances: per image, gt_boxes and gt_classes in the anchors' frame.
+        anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored).
+        num_classes: foreground classes C; C is the background label.
+
+    Returns:
+        gt_labels: (N, R) in {-1 (ignore), 0..C-1 (class), C (background)}.
+        matched_gt_boxes: (N, R, 4); meaningful only where the label is a class.
+    """
+    anchors = Boxes.cat(anchors)
+    labels, matched_boxes = [], []
+    for gt in gt_instances:
+        quality = pairwise_iou(gt.gt_boxes, anchors)
+        matched_idxs, anchor_labels = anchor_matcher(quality)
+        if len(gt) > 0:
+            gt_labels = gt.gt_classes[matched_idxs].clone()
+            gt_labels[anchor_labels == 0] = num_classes
+            gt_labels[anchor_labels == -1] = -1
+            boxes = gt.gt_boxes.tensor[matched_idxs]
+        else:
+            gt_labels = torch.full_like(matched_idxs, num_classes)
+            boxes = torch.zeros_like(anchors.tensor)
+        labels.append(gt_labels)
+        matched_boxes.append(boxes)
+    return torch.stack(labels), torch.stack(matched_boxes)
+
+
+@torch.no_grad()
+def hard_negative_mask(
+    loss: Tensor, negatives: Tensor, num_pos: Tensor, neg_pos_ratio: float
+) -> Tensor:
+    """Per image, the ``neg_pos_ratio * num_pos`` negatives with the largest loss.
+
+    Args:
+        loss: (N, R) classification loss of every anchor.
+        negatives: (N, R) bool, anchors labelled background.
+        num_pos: (N,) positives per image.
+        neg_pos_ratio: negatives kept per positive.
+
+    Returns:
+        (N, R) bool mask of the selected negatives.
+    """
+    num_neg = torch.minimum((num_pos.float() * neg_pos_ratio).long(), negatives.sum(dim=1))
+    ranked = loss.masked_fill(~negatives, float("-inf"))
+    rank = ranked.argsort(dim=1, descending=True).argsort(dim=1)
+    return rank < num_neg[:, None]
+
+
+def multibox_loss(
+    anchors: Tensor,
+    logits: Tensor,
+    deltas: Tensor,
+    gt_labels: Tensor,
+    gt_boxes: Tensor,
+    *,
+    num_classes: int,
+    box2box_transform: Box2BoxTransform,
+    cls_loss_type: str,
+    neg_pos_ratio: float,
+    focal_loss_alpha: float,
+    focal_loss_gamma: float,
+    smooth_l1_beta: float,
+) -> Dict[str, Tensor]:
+    """SSD's multibox loss of a batch.
+
+    Args:
+        anchors: (R, 4) anchors of all levels.
+        logits, deltas: (N, R, K) class logits and (N, R, 4) box deltas.
+        gt_labels, gt_boxes: (N, R) labels and (N, R, 4) matched boxes, from :func:`label_anchors`.
+        num_classes, box2box_transform, cls_loss_type, neg_pos_ratio, focal_loss_alpha,
+        focal_loss_gamma, smooth_l1_beta: as :class:`MultiScaleSSD` takes them.
+
+    Returns:
+        "loss_cls" and "loss_box_reg" (smooth-L1 over positives), both divided by the batch's
+        positives (at least 1). "softmax_mined": cross-entropy over positives and hard negatives,
+        so an image without nodules has no positives, hence no negatives, and adds nothing;
+        "sigmoid_focal": focal loss over every anchor that is not ignored.
+    """
+    positives = (gt_labels >= 0) & (gt_labels < num_classes)
+    negatives = gt_labels == num_classes
+    num_pos = positives.sum(dim=1)
+    normalizer = num_pos.sum().clamp(min=1).to(logits.dtype)
+
+    pos_image, pos_anchor = nonzero_tuple(positives)
+    target_deltas = box2box_transform.get_deltas(
+        anchors[pos_anchor], gt_boxes[pos_image, pos_anchor]
+    )
+    loss_box_reg = smooth_l1_loss(
+        deltas[pos_image, pos_anchor], target_deltas, smooth_l1_beta, reduction="sum"
+    )
+
+    if cls_loss_type == "sigmoid_focal":
+        valid = gt_labels >= 0
+        # one-hot over num_classes + 1, background column dropped
+        targets = F.one_hot(gt_labels[valid], num_classes + 1)[:, :-1].to(logits.dtype)
+        loss_cls = sigmoid_focal_loss_jit(
+            logits[valid],
+            targets,
+            alpha=focal_loss_alpha,
+            gamma=focal_loss_gamma,
+            reduction="sum",
+        )
+    else:
+        ce = F.cross_entropy(
+            logits.flatten(0, 1), gt_labels.clamp(min=0).flatten(), reduction="none"
+        ).view_as(gt_labels)
+        selected = positives | hard_negative_mask(ce.detach(), negatives, num_pos, neg_pos_ratio)
+        loss_cls = ce[selected].sum()
+
+    return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
