@@ -271,6 +271,17 @@ def test_inference_nms_class_agnostic_and_classwise(model):
     assert len(capped) == 1 and capped.scores.item() == pytest.approx(0.6)
 
 
+def test_inference_drops_non_finite_boxes(model):
+    """A box whose deltas overflow is dropped, not an error (Boxes.clip asserts finiteness)."""
+    anchors = [Boxes(torch.tensor([[0, 0, 10, 10], [30, 30, 40, 40]], dtype=torch.float32))]
+    logits = [_probs_to_logits([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])]
+    deltas = torch.zeros(1, 2, 4)
+    deltas[0, 0, 0] = float("nan")
+    (result,) = model.ssd_inference(anchors, logits, [deltas], [(64, 64)])
+    assert len(result) == len(set(result.pred_classes.tolist())) == 2
+    assert result.pred_boxes.tensor.tolist() == [[30, 30, 40, 40]] * 2
+
+
 def test_any_named_backbone_and_default_anchor_generator():
     cfg = make_cfg("Base-SSD.yaml")
     cfg.MODEL.DEVICE = "cpu"

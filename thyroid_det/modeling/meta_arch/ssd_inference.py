@@ -52,16 +52,24 @@ def ssd_inference_single_image(
     anchor_idxs, classes = anchor_idxs[order], classes[order]
 
     boxes = Boxes(box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs]))
-    boxes.clip(image_size)
     class_probs = fg_probs[anchor_idxs]
     class_probs = class_probs / class_probs.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
-    valid = torch.isfinite(boxes.tensor).all(dim=1) & torch.isfinite(scores) & boxes.nonempty()
+    # non-finite boxes go before clip(), which asserts that every box is finite
+    finite = torch.isfinite(boxes.tensor).all(dim=1) & torch.isfinite(scores)
     boxes, scores, classes, class_probs = (
-        boxes[valid],
-        scores[valid],
-        classes[valid],
-        class_probs[valid],
+        boxes[finite],
+        scores[finite],
+        classes[finite],
+        class_probs[finite],
+    )
+    boxes.clip(image_size)
+    nonempty = boxes.nonempty()
+    boxes, scores, classes, class_probs = (
+        boxes[nonempty],
+        scores[nonempty],
+        classes[nonempty],
+        class_probs[nonempty],
     )
     nms_groups = torch.zeros_like(classes) if class_agnostic_nms else classes
     keep = batched_nms(boxes.tensor, scores, nms_groups, nms_thresh)
