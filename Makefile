@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install test demo bench device-payload clean-venv
 
 install: $(VENV)/.stamp-thyroid_det
 
@@ -32,6 +32,10 @@ demo: install
 
 bench: install
 	$(PYTHON) tools/benchmark.py
+
+# What a borrowed GPU machine needs for scripts/device_run_mccnn.sh (README, "TN5000 on one GPU").
+device-payload: install
+	$(PYTHON) scripts/prepare_device_run.py
 
 clean-venv:
 	rm -rf $(VENV)
