@@ -14,7 +14,9 @@ measures speed, not accuracy. Each figure is the median (and inter-quartile rang
 call by call, and their ratio is the median of the per-turn ratios, so that a change of load
 on a shared machine hits both alike; the load average is recorded with the results. On a machine
 whose load exceeds its cores, ``--threads 1`` gives far steadier (and faster) figures: threads
-of a parallel op wait for each other, and a descheduled one stalls the rest.
+of a parallel op wait for each other, and a descheduled one stalls the rest; add ``--clock cpu``
+(the process's CPU time instead of elapsed time) where the load is several times the cores, as
+the time spent waiting for a core then dwarfs the work.
 
 Rows:
 
@@ -87,6 +89,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="what a timing is: elapsed time, or the process's CPU time (CPU only; with "
+        "--threads 1 it leaves out the waits for a core on a machine loaded past its cores)",
+    )
     parser.add_argument("--amp", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights, activations")
     parser.add_argument("--batch", type=int, default=None, help="inference batch > 1 (default 4)")
@@ -151,6 +158,8 @@ def _fill_defaults(args, parser):
         parser.error("--detections, --refiner-detections and --mapper-images must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch finds no CUDA device")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu times the host's work only: use --clock wall with --device cuda")
     for flag in ("config_file", "matched_config_file", "cascade_config_file"):
         path = getattr(args, flag)
         if not os.path.isfile(path):
@@ -174,13 +183,13 @@ def main(argv=None):
         torch.set_num_threads(threads)
 
 
-SETTINGS = ("threads", "device", "amp", "channels_last", "batch", "train_batch", "warmup",
-            "repeats", "train_repeats", "quick", "no_train", "config_file",
+SETTINGS = ("threads", "device", "clock", "amp", "channels_last", "batch", "train_batch",
+            "warmup", "repeats", "train_repeats", "quick", "no_train", "config_file",
             "matched_config_file", "cascade_config_file")
 
 
 def _run(args):
-    bench = Benchmark(args.device, args.amp, args.warmup, args.profile)
+    bench = Benchmark(args.device, args.amp, args.warmup, args.profile, args.clock)
     # One random batch for every section (built once; sections take what they need).
     args.batch_data = synthetic_batch(max(args.batch, args.train_batch), args.size, args.seed)
     load_start, started = os.getloadavg(), time.perf_counter()

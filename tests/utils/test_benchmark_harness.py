@@ -1,5 +1,7 @@
 """thyroid_det.utils.benchmark: the round-robin timer, paired ratios and synthetic inputs."""
 
+import time
+
 import pytest
 import torch
 
@@ -31,6 +33,16 @@ def test_round_robin_takes_turns_after_the_warm_up():
         assert len(timing["times_s"]) == 3
         assert timing["q1_s"] <= timing["median_s"] <= timing["q3_s"]
         assert timing["iqr_s"] == pytest.approx(timing["q3_s"] - timing["q1_s"])
+
+
+def test_cpu_clock_leaves_out_waiting():
+    bench = Benchmark(warmup=0, clock="cpu")
+    _, timings = bench.time_round_robin({"sleep": lambda: time.sleep(0.05)}, repeats=2)
+    assert timings["sleep"]["median_s"] < 0.02  # asleep, the process uses no CPU time
+    _, timings = Benchmark(warmup=0).time_round_robin({"sleep": lambda: time.sleep(0.05)}, 1)
+    assert timings["sleep"]["median_s"] >= 0.05
+    with pytest.raises(ValueError, match="clock"):
+        Benchmark(clock="gpu")
 
 
 def test_rows_and_ratios():

@@ -28,18 +28,27 @@ def paired_ratio(times, reference_times):
 
 
 class Benchmark:
-    """Shared settings of one run (device, autocast, warm-up, profiling) and what it measured:
-    ``rows`` (one per timing), ``models`` (what was timed), ``profiles``."""
+    """Shared settings of one run (device, autocast, warm-up, profiling, clock) and what it
+    measured: ``rows`` (one per timing), ``models`` (what was timed), ``profiles``."""
 
-    def __init__(self, device="cpu", amp=False, warmup=1, profile=0):
+    CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+    def __init__(self, device="cpu", amp=False, warmup=1, profile=0, clock="wall"):
         """
         Args:
             amp (bool): run the timed calls under bfloat16 autocast.
             warmup (int): untimed calls of each callable before the timed rounds.
             profile (int): with N > 0, :meth:`profile` keeps the N costliest ops of a call.
+            clock (str): "wall" (elapsed time) or "cpu" (the process's CPU time: on a machine
+                with more runnable threads than cores, it leaves out the time the process
+                waits for a core; with one torch thread, that is the time the work itself
+                takes).
         """
+        if clock not in self.CLOCKS:
+            raise ValueError(f"Unknown clock {clock!r}; expected one of {sorted(self.CLOCKS)}")
         self.device = torch.device(device)
         self.amp, self.warmup, self.num_profiled_ops = amp, warmup, profile
+        self.clock = clock
         self.rows, self.models, self.profiles = [], {}, {}
         self._groups = 0
 
@@ -65,13 +74,14 @@ class Benchmark:
             for _ in range(self.warmup):
                 fn()
         times = {name: [] for name in fns}
+        now = self.CLOCKS[self.clock]
         for _ in tqdm.trange(repeats, desc=", ".join(map(str, fns)), leave=False, disable=None):
             for name, fn in fns.items():
                 self.sync()
-                start = time.perf_counter()
+                start = now()
                 fn()
                 self.sync()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
         self._groups += 1
         timings = {}
         for name, ts in times.items():
