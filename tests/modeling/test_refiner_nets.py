@@ -92,3 +92,54 @@ def test_refiner_takes_the_configured_input_channels():
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 2)
     cfg.MODEL.LUMA_INPUT = True  # the ROI heads hand it one luma channel
     assert build_refiner(cfg).conv1.in_channels == 1
+
+
+def trained_looking(net):
+    """Batch-norm statistics and affine parameters away from their initial values."""
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    with torch.no_grad():
+        net.cls_score.weight.normal_(0, 0.3, generator=g)  # logits far from 0
+    return net
+
+
+@pytest.mark.parametrize("name", VARIANTS[:3])
+@pytest.mark.parametrize("norm", ["BN", "", "GN"])
+def test_fused_inference_gives_the_plain_layers_outputs(name, norm):
+    # Without autograd, eval mode runs the fused path (batch norm folded, NHWC, pool folded into
+    # fc6 below 6x6, oneDNN fc6/fc7 from 4 crops); with autograd, the plain layers.
+    torch.manual_seed(0)
+    cfg = tiny_cfg(name, norm)
+    cfg.MODEL.REFINER.WIDTH_MULT = 0.25
+    cfg.MODEL.REFINER.FC_DIM = 64
+    net = trained_looking(build_refiner(cfg)).eval()
+    for size, crops in ((64, 5), (96, 1), (128, 6), (224, 4)):  # pool5 1x1, 2x2, 3x3, 6x6
+        x = torch.randn(crops, 1, size, size)
+        plain = net(x).detach()
+        with torch.no_grad():
+            fused = net(x)
+        assert plain.abs().max() > 0.01  # not a vanishing signal
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5, msg=f"{size} px")
+
+
+def test_fused_inference_follows_a_training_step():
+    torch.manual_seed(0)
+    net = trained_looking(build_refiner(tiny_cfg("AlexNetSPConv5")))
+    x = torch.randn(4, 1, 128, 128)
+    with torch.no_grad():
+        before = net.eval()(x)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.train()
+    torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 1, 0])).backward()
+    optimizer.step()  # in-place updates of every weight; BN statistics move too
+    net.eval()
+    with torch.no_grad():
+        after = net(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, net(x).detach(), rtol=1e-4, atol=1e-5)

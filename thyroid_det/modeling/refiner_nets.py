@@ -3,6 +3,11 @@
 Every network maps a batch of square grayscale crops (N, C, S, S) to logits over
 [benign, malignant] with ``forward`` and to its penultimate features with ``features`` (the fc7
 features the paper feeds to the classical classifiers in its classifier study).
+
+At inference (eval mode, no autograd) the AlexNet variants run fused, with the same outputs up to
+float rounding: batch norms folded into their convolutions, channels-last on the CPU
+(:mod:`.fused_inference`), the pyramid's 1x1 reductions as one convolution, the adaptive pool
+folded into fc6 for maps under 6x6, fc6/fc7 through oneDNN for several crops on the CPU.
 """
 import functools
 from typing import Optional, Sequence
@@ -10,13 +15,21 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, cat
+from detectron2.layers import cat
 from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torchvision.models.googlenet import GoogLeNet as _TorchvisionGoogLeNet
 from torchvision.models.googlenet import Inception, InceptionAux
 
+from .fused_inference import (
+    FusedConv2d,
+    channels_last_on_cpu,
+    derived_tensors,
+    inference_linear,
+    inference_only,
+)
 from .layers import norm_layer, scaled_channels
 from .model_input import model_input_channels
 
@@ -52,7 +65,7 @@ def _conv(in_channels, out_channels, kernel_size, norm, stride=1, padding=None):
     """Conv + norm + ReLU; the bias is dropped when a norm follows."""
     if padding is None:
         padding = kernel_size // 2
-    conv = Conv2d(
+    conv = FusedConv2d(
         in_channels,
         out_channels,
         kernel_size=kernel_size,
@@ -104,9 +117,41 @@ class SpatialPyramidModule(nn.Module):
             self.levels.append(nn.Sequential(*layers))
         self.fuse = _conv(in_channels + level_channels * len(kernel_sizes), in_channels, 1, norm)
         self.out_channels = in_channels
+        self.level_channels = level_channels
 
     def forward(self, x):
+        reductions = self._reductions()
+        if inference_only(self) and all(r.folds_norm() for r in reductions):
+            return self._forward_with_one_reduction(x, reductions)
         return self.fuse(cat([x] + [level(x) for level in self.levels], dim=1))
+
+    def _reductions(self):
+        """Each level's 1x1 convolution to 1/N of the channels."""
+        return [next(m for m in level if isinstance(m, FusedConv2d)) for level in self.levels]
+
+    def _forward_with_one_reduction(self, x, reductions):
+        """Inference: the levels' 1x1 reductions as one convolution of ``x``, before the pooling.
+
+        A 1x1 convolution with its batch norm folded in is the same affine map at every
+        position, and an average pooling that leaves the padding out weighs positions with
+        weights summing to one, so the two commute; the reduction's ReLU then follows the
+        pooling. One convolution instead of N, and the poolings average 1/N of the channels.
+        The outputs are the same up to float rounding.
+        """
+        sources = [t for r in reductions for t in r.weight_sources()]
+        weight, bias = derived_tensors(self, "_reduction_weights", sources, lambda: (
+            channels_last_on_cpu(torch.cat([r.inference_weights()[0] for r in reductions])),
+            torch.cat([r.inference_weights()[1] for r in reductions]),
+        ))
+        reduced = F.conv2d(x, weight, bias).split(self.level_channels, dim=1)
+        levels = [x]
+        for level, part in zip(self.levels, reduced):
+            pool = level[0] if isinstance(level[0], nn.AvgPool2d) else None
+            part = F.relu(part if pool is None else pool(part))
+            for layer in list(level)[2 if pool is not None else 1 :]:
+                part = layer(part)
+            levels.append(part)
+        return self.fuse(cat(levels, dim=1))
 
 
 @REFINER_REGISTRY.register()
@@ -201,9 +246,39 @@ class AlexNet(nn.Module):
         x = self.pool5(x)
         if self.pyramid_position == "pool5":
             x = self.pyramid(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        x = F.relu(self.fc6(self.dropout(x)))
+        if inference_only(self):
+            x = F.relu(self._fc6_at_inference(x))
+            return F.relu(inference_linear(self.fc7, x))
+        x = F.relu(self.fc6(self.dropout(torch.flatten(self.avgpool(x), 1))))
         return F.relu(self.fc7(self.dropout(x)))
+
+    def _fc6_at_inference(self, x):
+        """fc6 on pool5's map (N, C, h, w) through the adaptive pool to 6x6, at inference.
+
+        A map with fewer than 36 positions (crops under ~190 px: 3x3 at 128 px) meets fc6 with
+        the pool folded into fc6's weight. The pool only repeats and averages positions, so this
+        is the same linear map, up to float rounding, with 36 / (h * w) times fewer weights to
+        read, which dominate the refiner's time on a CPU.
+        """
+        height, width = x.shape[-2:]
+        out_h, out_w = _pair(self.avgpool.output_size)
+        if height * width >= out_h * out_w:
+            return inference_linear(self.fc6, torch.flatten(self.avgpool(x), 1))
+        weight = derived_tensors(
+            self.fc6, "on_pool5", [self.fc6.weight], lambda: self._fold_pool_into_fc6(x),
+            height, width,
+        )
+        return inference_linear(self.fc6, torch.flatten(x, 1), weight, height, width)
+
+    @torch.no_grad()
+    def _fold_pool_into_fc6(self, x):
+        """fc6's weight (out, C * 36) as a weight (out, C * h * w) on the unpooled map."""
+        channels, height, width = x.shape[1:]
+        positions = height * width
+        basis = torch.eye(positions, dtype=self.fc6.weight.dtype, device=self.fc6.weight.device)
+        pooling = self.avgpool(basis.view(positions, 1, height, width)).flatten(1)  # (hw, 36)
+        weight = self.fc6.weight.view(self.fc6.out_features, channels, -1)
+        return torch.einsum("ocp,qp->ocq", weight, pooling).reshape(self.fc6.out_features, -1)
 
     def forward(self, x):
         """Logits (N, num_classes), e.g. over [benign, malignant]."""
