@@ -6,6 +6,7 @@ Examples:
     python tools/benchmark.py --quick --output bench.json   # rough figures, ~1-2 min
     python tools/benchmark.py --device cuda --amp --channels-last --size 512 --batch 16
     python tools/benchmark.py --only reference ec_matched --no-train --profile 15
+    python tools/benchmark.py --only cascade --threads 1 --clock cpu [--unfused]  # loaded machine
 
 Everything runs in one process at one input size (``--size``, both the reference's and ours:
 INPUT.FIXED_SIZE is overridden) and one thread count (``--threads``). Weights are random: this
@@ -44,6 +45,7 @@ the targets these figures are read against are in the README (Speed).
 """
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -54,6 +56,7 @@ from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.logger import setup_logger
 
 import thyroid_det  # noqa: F401  (registers the plugin)
+from thyroid_det.modeling.fused_inference import unfused
 from thyroid_det.utils.benchmark import Benchmark, add_ratios, format_table, headline_figures
 from thyroid_det.utils.benchmark_models import synthetic_batch
 from thyroid_det.utils.benchmark_sections import (
@@ -96,6 +99,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--amp", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights, activations")
+    parser.add_argument(
+        "--unfused", action="store_true",
+        help="the refiner's plain layers at inference instead of its fused ones "
+        "(modeling/fused_inference.py): what the fusion gains",
+    )
     parser.add_argument("--batch", type=int, default=None, help="inference batch > 1 (default 4)")
     parser.add_argument("--train-batch", type=int, default=None, help="training batch (default 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
@@ -178,13 +186,14 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        with unfused() if args.unfused else contextlib.nullcontext():
+            return _run(args)
     finally:
         torch.set_num_threads(threads)
 
 
-SETTINGS = ("threads", "device", "clock", "amp", "channels_last", "batch", "train_batch",
-            "warmup", "repeats", "train_repeats", "quick", "no_train", "config_file",
+SETTINGS = ("threads", "device", "clock", "amp", "channels_last", "unfused", "batch",
+            "train_batch", "warmup", "repeats", "train_repeats", "quick", "no_train", "config_file",
             "matched_config_file", "cascade_config_file")
 
 

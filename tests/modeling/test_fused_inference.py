@@ -13,7 +13,8 @@ from thyroid_det.modeling.fused_inference import (
     FusedConv2d,
     channels_last_on_cpu,
     inference_linear,
-    inference_only,
+    runs_fused,
+    unfused,
 )
 
 
@@ -97,7 +98,7 @@ def test_training_and_copies_use_their_own_weights():
         torch.testing.assert_close(clone(x), clone.norm(torch.zeros_like(original)).relu())
         torch.testing.assert_close(conv(x), original, rtol=0, atol=0)
     conv.train()
-    assert not inference_only(conv)
+    assert not runs_fused(conv)
     out = conv(x)  # batch statistics, with a graph
     assert out.requires_grad
 
@@ -127,3 +128,17 @@ def test_traced_graphs_keep_the_plain_layers():
     assert "batch_norm" in graph and "mkldnn" not in graph
     with torch.no_grad():
         torch.testing.assert_close(traced(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unfused_runs_the_plain_layers():
+    conv = fused_conv("BN")
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        assert runs_fused(conv)
+        with unfused():
+            assert not runs_fused(conv)
+            plain = conv(x)
+        assert runs_fused(conv)
+        fused = conv(x)
+    assert not plain.is_contiguous(memory_format=torch.channels_last)  # NCHW: no fusion
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,10 @@
-"""Layers that run fused at inference (eval mode, no autograd, not traced), with weights
-derived once from their parameters: a convolution with its batch norm folded in, channels-last
-on the CPU (:class:`FusedConv2d`), and fully connected layers through oneDNN on the CPU
-(:func:`inference_linear`). Outputs equal the plain layers' up to float rounding; training,
-autograd and exported graphs use the plain layers. The refiners' inference is what they are
-for (see refiner_nets.py and README, Speed)."""
+"""Layers that run fused at inference (eval mode, no autograd, not traced; :func:`unfused`
+turns it off), with weights derived once from their parameters: a convolution with its batch
+norm folded in, channels-last on the CPU (:class:`FusedConv2d`), and fully connected layers
+through oneDNN on the CPU (:func:`inference_linear`). Outputs equal the plain layers' up to float
+rounding; training, autograd and exported graphs use the plain layers. The refiners' inference
+is what they are for (see refiner_nets.py and README, Speed)."""
+import contextlib
 import weakref
 from typing import Optional
 
@@ -17,14 +18,29 @@ __all__ = [
     "channels_last_on_cpu",
     "derived_tensors",
     "inference_linear",
-    "inference_only",
+    "runs_fused",
+    "unfused",
 ]
 
 
-def inference_only(module: nn.Module) -> bool:
-    """Eval mode, no autograd, not being traced: where a layer may use weights derived from its
-    parameters (an exported graph keeps the plain layers)."""
-    return not (module.training or torch.is_grad_enabled() or torch.jit.is_tracing())
+_fused = True
+
+
+def runs_fused(module: nn.Module) -> bool:
+    """Whether ``module`` runs fused: in eval mode, without autograd, not being traced (an
+    exported graph keeps the plain layers) and not inside :func:`unfused`."""
+    return _fused and not (module.training or torch.is_grad_enabled() or torch.jit.is_tracing())
+
+
+@contextlib.contextmanager
+def unfused():
+    """Within the block, the fused layers run as the plain layers (to compare the two)."""
+    global _fused
+    previous, _fused = _fused, False
+    try:
+        yield
+    finally:
+        _fused = previous
 
 
 # module -> {name: (key, derived tensors)}; outside the modules, so copies and pickles of a model
@@ -98,7 +114,7 @@ class FusedConv2d(Conv2d):
     """
 
     def forward(self, x):
-        if not (inference_only(self) and self.folds_norm()):
+        if not (runs_fused(self) and self.folds_norm()):
             return super().forward(x)
         weight, bias = self.inference_weights()
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)

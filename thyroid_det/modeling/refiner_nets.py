@@ -28,7 +28,7 @@ from .fused_inference import (
     channels_last_on_cpu,
     derived_tensors,
     inference_linear,
-    inference_only,
+    runs_fused,
 )
 from .layers import norm_layer, scaled_channels
 from .model_input import model_input_channels
@@ -121,7 +121,7 @@ class SpatialPyramidModule(nn.Module):
 
     def forward(self, x):
         reductions = self._reductions()
-        if inference_only(self) and all(r.folds_norm() for r in reductions):
+        if runs_fused(self) and all(r.folds_norm() for r in reductions):
             return self._forward_with_one_reduction(x, reductions)
         return self.fuse(cat([x] + [level(x) for level in self.levels], dim=1))
 
@@ -246,7 +246,7 @@ class AlexNet(nn.Module):
         x = self.pool5(x)
         if self.pyramid_position == "pool5":
             x = self.pyramid(x)
-        if inference_only(self):
+        if runs_fused(self):
             x = F.relu(self._fc6_at_inference(x))
             return F.relu(inference_linear(self.fc7, x))
         x = F.relu(self.fc6(self.dropout(torch.flatten(self.avgpool(x), 1))))
