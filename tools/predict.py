@@ -24,7 +24,8 @@ input and resizes by the shorter edge). Outputs, in original-image pixels:
 * ``OUTPUT/<name>.png``: the image with each detection at or above ``--min-score``, labelled
   with its class and that class's probability (red: malignant, green: benign); images with a
   side over 2048 px are drawn on a copy shrunk to 2048 px (drawing at full size took 7.6 GB for
-  an 8000x8000 image).
+  an 8000x8000 image). With NMS per class (Ec's default) a nodule close to both classes is
+  drawn once per class; ``MODEL.SSD.CLASS_AGNOSTIC_NMS True`` draws one box per nodule.
 * ``--json-mode per-image`` (default): ``OUTPUT/<name>.json`` per image;
   ``single``: ``OUTPUT/predictions.json`` with all images and the skipped files.
   Each detection: ``bbox`` [x0, y0, x1, y1], ``class``, ``category_id``, ``score`` (the model's
