@@ -9,22 +9,34 @@
 # Steps: (1) install the carried wheels into a /tmp folder (the machine reaches no index); (2) check
 # that torch sees the GPU and detectron2, thyroid_det and pycocotools import, and stop at once
 # if not; (3) register the carried TN5000 (COCO JSON + WebP) through DATASETS.COCO_REGISTER;
+# (3b) calibrate: 80 iterations and one evaluation, which fail fast if anything breaks here and
+# time both stages, so that scripts/plan_device_run.py sizes the longest schedule that fits;
 # (4) train with tools/train_net.py under `timeout -s INT`, so that the script as a whole ends
 # by BUDGET_S: an interrupted run still leaves metrics.json with every evaluation made so far
-# (TEST.EVAL_PERIOD); (5) summary table, learning curves, and the files below into $OUT.
+# (TEST.EVAL_PERIOD); (4b) tools/benchmark.py: the cascade's cost over Ec on the GPU; (5) summary
+# table, learning curves, and the files below into $OUT.
 #
-# Brought back ($OUT, at most 8 files): device_run.log (this script's output, training log
-# included), summary.json (every evaluation's headline metrics; completed or cut), metrics.json,
-# nodule_metrics.json (the last evaluation's clinical report), learning_curves.png, config.yaml,
-# gpu.csv (utilisation and memory every 15 s), and model_final.pth only if under 16 MiB.
+# Brought back ($OUT, the 8 files a call may return): device_run.log (this script's output,
+# calibration and training logs included), summary.json (every evaluation's headline metrics;
+# completed or cut), metrics.json, nodule_metrics.json (the last evaluation's clinical report),
+# learning_curves.png, config.yaml, gpu.csv (utilisation and memory every 15 s) and
+# benchmark_gpu.json. The full-size model (hundreds of MiB) stays there.
 #
 # Environment (defaults are the GPU run's):
-#   BUDGET_S=540       seconds, from start to the end of copying; training gets what is left
-#                      after the install and checks, less RESERVE_S=45 for the curves and copies
+#   BUDGET_S=575       seconds, from start to the end of copying (the device call's timeout_s
+#                      of 600 held it); training gets what is left after the install, checks
+#                      and calibration, less RESERVE_S=105 for the benchmark, curves and copies
+#   SCHEDULE="..."     without calibration, the schedule trained: by default the one that fits
+#                      the budget at the speeds measured on an H200 on 2026-11-30 (Ec 0.225 s
+#                      per iteration at batch 32, refiner 0.29 s, 25 s an evaluation, README
+#                      "TN5000 on one GPU"); SCHEDULE="" trains the config's own
+#   CALIBRATE=0        1: calibrate instead (80 iterations and an evaluation, ~130 s) and plan
+#                      the schedule from what it measures: for other hardware
+#   BENCH=1            0: no benchmark
 #   NUM_WORKERS=12     data-loader workers (16 cores: 12 mappers, the rest for the main process)
-#   EXTRA_OPTS="..."   more KEY VALUE config overrides, appended last
+#   EXTRA_OPTS="..."   more KEY VALUE config overrides, appended last (after the planned ones)
 #   PYTHON=python3     the interpreter (the machine's own holds torch)
-#   DEVICE_RUN_TINY=1  a rehearsal on a CPU: a few images, 4 iterations, a tiny model (see below)
+#   DEVICE_RUN_TINY=1  a rehearsal on a CPU: a few images, a tiny model (see below)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,8 +44,8 @@ T0=$(date +%s)
 : "${OUT:?set OUT to the folder that comes back}"
 PY=${PYTHON:-python3}
 PAYLOAD=${PAYLOAD:-device_payload}
-BUDGET_S=${BUDGET_S:-540}
-RESERVE_S=${RESERVE_S:-45}
+BUDGET_S=${BUDGET_S:-575}
+RESERVE_S=${RESERVE_S:-105}
 NUM_WORKERS=${NUM_WORKERS:-12}
 TINY=${DEVICE_RUN_TINY:-0}
 CONFIG=configs/mccnn.yaml
@@ -106,7 +118,45 @@ if [ "$TINY" = 1 ]; then  # tests/conftest.py's TINY_MODEL sizes, and a 2 + 2 it
         SOLVER.CHECKPOINT_PERIOD 2 DATALOADER.NUM_WORKERS 1)
 fi
 # shellcheck disable=SC2206  # EXTRA_OPTS is split into KEY VALUE words on purpose
-OPTS+=(${EXTRA_OPTS:-})
+EXTRA=(${EXTRA_OPTS:-})
+
+NUM='(nan|[0-9.]+)'
+
+# (3b) Calibration: the config for 80 iterations (60 of Ec, 20 of the refiner) and its final
+# evaluation on the whole validation split. It fails fast if anything breaks on this machine
+# (CUDA, AMP, the evaluators), and times a step of each stage, the start-up and one evaluation,
+# from which scripts/plan_device_run.py sizes the longest schedule that fits the budget.
+# CALIBRATE=0 (the default) skips it and trains SCHEDULE.
+# shellcheck disable=SC2206  # KEY VALUE words
+PLAN=(${SCHEDULE-SOLVER.MAX_ITER 1480 MODEL.MCCNN.DETECTOR_ITERS 1320 TEST.EVAL_PERIOD 660 SOLVER.CHECKPOINT_PERIOD 660})
+[ "$TINY" = 1 ] && PLAN=(${SCHEDULE-})  # the rehearsal keeps its 4 iterations
+MIN_ITER=200
+[ "$TINY" = 1 ] && MIN_ITER=40
+if [ "${CALIBRATE:-0}" = 1 ]; then
+    SMOKE=$WORK/calibration
+    log "calibration: 80 iterations and one evaluation"
+    LAUNCHED=$(date +%s)
+    timeout -s INT -k 20 "${CALIBRATE_S:-200}" "$PY" tools/train_net.py --config-file "$CONFIG" \
+        "${OPTS[@]}" SOLVER.MAX_ITER 80 MODEL.MCCNN.DETECTOR_ITERS 60 SOLVER.WARMUP_ITERS 20 \
+        TEST.EVAL_PERIOD 0 SOLVER.CHECKPOINT_PERIOD 100000 OUTPUT_DIR "$SMOKE" "${EXTRA[@]}" \
+        >"$WORK/calibration.log" 2>&1
+    SMOKE_RC=$?
+    cat "$WORK/calibration.log" >>"$LOG"
+    if [ "$SMOKE_RC" != 0 ]; then
+        log "calibration FAILED (rc $SMOKE_RC); its last lines:"
+        grep -v Warning "$WORK/calibration.log" | tail -n 30
+        exit 7
+    fi
+    grep -E "copypaste: $NUM(,$NUM){5}$" "$WORK/calibration.log" | tail -n 2
+    PLAN_S=$((BUDGET_S - RESERVE_S - ($(date +%s) - T0)))
+    # 90% of what is left: an evaluation slower than the calibration's must not cut the run.
+    read -r -a PLAN < <("$PY" scripts/plan_device_run.py "$SMOKE" "$WORK/calibration.log" \
+        --seconds $((PLAN_S * 9 / 10)) --smoke-detector-iters 60 --min-iter "$MIN_ITER" --launched "$LAUNCHED" --output "$WORK/plan.json" 2>>"$LOG") \
+        || die "planning the schedule (see $LOG)" 8
+    [ "${#PLAN[@]}" -gt 0 ] || die "planning the schedule (see $LOG)" 8
+    log "calibration: $(cat "$WORK/plan.json" | tr -d '\n ')"
+fi
+OPTS+=("${PLAN[@]}" "${EXTRA[@]}")
 
 # (4) Training, with its periodic and final evaluations, inside the budget.
 TRAIN_S=$((BUDGET_S - RESERVE_S - ($(date +%s) - T0)))
@@ -118,7 +168,6 @@ if [ "$TINY" != 1 ] && command -v nvidia-smi >/dev/null; then
 fi
 # On stdout (the device tool returns its tail): progress every 20 iterations, the stage change,
 # each evaluation's COCO line; everything is in device_run.log.
-NUM='(nan|[0-9.]+)'
 SHOW="eta:|enters stage|Overall training speed|copypaste: (Task: bbox|AP,AP50|$NUM(,$NUM){5}$)|Traceback|[A-Za-z]+Error"
 log "training $CONFIG for at most ${TRAIN_S}s: ${OPTS[*]}"
 timeout -s INT -k 30 "$TRAIN_S" "$PY" tools/train_net.py --config-file "$CONFIG" "${OPTS[@]}" 2>&1 \
@@ -130,6 +179,18 @@ case $TRAIN_RC in
     124 | 137) log "training CUT by its ${TRAIN_S}s time box (rc $TRAIN_RC): the last periodic evaluation stands" ;;
     *) log "training FAILED (rc $TRAIN_RC); the log's last lines:"; tail -n 25 "$LOG" ;;
 esac
+
+# (4b) tools/benchmark.py on this GPU, random weights at mccnn.yaml's 320 px: Ec's training step
+# alone at batch 32 (forward, backward, SGD; bf16 autocast), to compare with the trainer's
+# seconds per iteration (loader, hooks, clipping, EMA on top), and the cascade's cost over Ec
+# with exactly k detections reaching the refiner. BENCH=0 skips it.
+if [ "${BENCH:-1}" = 1 ] && [ "$TINY" != 1 ]; then
+    log "benchmark: Ec's training step, the cascade over Ec"
+    timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda --amp \
+        --only ec cascade --no-flops --size 320 --train-batch 32 \
+        --config-file configs/Base-SSD.yaml --warmup 2 --repeats 10 \
+        --output "$OUT/benchmark_gpu.json" >>"$LOG" 2>&1 || log "benchmark failed or was cut (see log)"
+fi
 
 # (5) What comes back.
 LABEL="mccnn.yaml, $(sed -n 's/^cuda True //p' "$LOG" | head -1)"
@@ -145,13 +206,5 @@ fi
 [ -f "$RUN/config.yaml" ] && cp "$RUN/config.yaml" "$OUT/"
 NODULES=$(ls -t "$RUN"/inference/*/nodule_metrics.json 2>/dev/null | head -1)
 [ -n "$NODULES" ] && cp "$NODULES" "$OUT/nodule_metrics.json"
-if [ -f "$RUN/model_final.pth" ]; then
-    SIZE=$(stat -c %s "$RUN/model_final.pth")
-    if [ "$SIZE" -lt $((16 * 1024 * 1024)) ]; then
-        cp "$RUN/model_final.pth" "$OUT/"
-    else
-        log "model_final.pth is $((SIZE / 1024 / 1024)) MiB: over the 16 MiB a returned file may have, left there"
-    fi
-fi
 log "done; back in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ "$TRAIN_RC" = 0 ] || [ "$TRAIN_RC" = 124 ] || [ "$TRAIN_RC" = 137 ] || exit "$TRAIN_RC"
