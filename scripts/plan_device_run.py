@@ -6,12 +6,13 @@
 SMOKE_DIR holds the calibration run's ``metrics.json``, SMOKE_LOG its log (detectron2's logger,
 timestamps to the second). From them: seconds per iteration in Ec's stage and in the refiner's
 (the ``time`` medians detectron2 writes every 20 iterations, the first window left out: it holds
-cuDNN's autotuning), the start-up cost (launch, or the log's first line, to the first iteration) and the cost of
-one evaluation (the final one). Prints, as ``KEY VALUE`` config overrides, the longest schedule
-whose training, start-up, four evaluations in Ec's stage, one at the end and checkpoints fit in
-``--seconds``: SOLVER.MAX_ITER, MODEL.MCCNN.DETECTOR_ITERS (the same fraction of MAX_ITER as in
-the config), TEST.EVAL_PERIOD and SOLVER.CHECKPOINT_PERIOD (a quarter of Ec's stage). The
-measurements go to stderr, and with ``--output`` to a JSON file.
+cuDNN's autotuning), the start-up cost (from ``--launched``, or the log's first line, to the
+first iteration) and the cost of one evaluation (the final one). Prints, as ``KEY VALUE``
+config overrides, the longest schedule whose training, start-up, four evaluations in Ec's
+stage, one at the end and checkpoints fit in ``--seconds``: SOLVER.MAX_ITER,
+MODEL.MCCNN.DETECTOR_ITERS (the same fraction of MAX_ITER as in the config), TEST.EVAL_PERIOD
+and SOLVER.CHECKPOINT_PERIOD (a quarter of Ec's stage). The measurements go to stderr, and with
+``--output`` to a JSON file.
 """
 import argparse
 import datetime
@@ -74,7 +75,7 @@ def main():
     parser.add_argument("--max-iter-cap", type=int, default=20000)
     parser.add_argument("--min-iter", type=int, default=200, help="below this, refuse")
     parser.add_argument("--launched", type=float, default=None,
-                        help="epoch seconds at the calibration's launch (default: its first log line)")
+                        help="epoch seconds at the calibration's launch (default: its first line)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
