@@ -109,6 +109,9 @@ def add_mccnn_config(cfg):
     _C.MODEL.REFINER.NAME = "AlexNetSPConv5"
     # Side of the square crop fed to the refiner, in pixels.
     _C.MODEL.REFINER.INPUT_SIZE = 224
+    # Crop side at inference; 0 = INPUT_SIZE. The refiners end in a spatial pyramid or an
+    # adaptive pool, so a smaller test crop runs the same weights at a lower cost (README, Speed).
+    _C.MODEL.REFINER.TEST_INPUT_SIZE = 0
     # Spatial pyramid kernel sizes (pooling and convolution), one per level.
     _C.MODEL.REFINER.PYRAMID_LEVELS = [1, 3, 5]
     # Width of the refiner's fully connected layers.

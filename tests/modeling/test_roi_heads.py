@@ -317,3 +317,34 @@ def test_former_name_still_builds_the_same_heads():
     assert isinstance(old, RefinerROIHeads)
     assert old.state_dict().keys() == new.state_dict().keys()
     old.load_state_dict(new.state_dict())
+
+
+class CropSizes(nn.Module):
+    """A refiner stub that records the side of every crop batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.sides = []
+
+    def forward(self, crops):
+        self.sides.append(crops.shape[-1])
+        return torch.zeros(len(crops), 2) + self.dummy
+
+
+def test_test_input_size_sets_the_inference_crops_only():
+    refiner = CropSizes()
+    roi = heads(refiner, input_size=32, test_input_size=24)
+    images = ImageList(torch.zeros(1, 1, 64, 64), [(64, 64)])
+    target = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
+                       gt_classes=torch.tensor([1]))
+    roi.train()
+    roi(images, {}, [detections([[8, 8, 40, 40]], [0.9], [1], [[0.1, 0.9]])], [target])
+    roi.eval()
+    roi(images, {}, [detections([[8, 8, 40, 40]], [0.9], [1], [[0.1, 0.9]])])
+    assert refiner.sides == [32, 24]
+    # From the config: 0 means INPUT_SIZE.
+    cfg = make_cfg("configs/mccnn.yaml", tiny=True)
+    assert RefinerROIHeads.from_config(cfg, num_classes=2)["test_input_size"] is None
+    cfg.MODEL.REFINER.TEST_INPUT_SIZE = 48
+    assert RefinerROIHeads.from_config(cfg, num_classes=2)["test_input_size"] == 48

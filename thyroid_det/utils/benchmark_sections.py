@@ -158,14 +158,15 @@ def run_refiner(bench, args):
     for k, timing in timings.items():
         row = bench.add("refiner", f"inference, {k} detections", 1, timing, group)
         row.update({"detections": k, "per_crop_s": row["per_image_s"] / k})
+    crop_size = heads.test_input_size  # the crops inference runs on
     info = {
         "parameters_m": sum(p.numel() for p in heads.parameters()) / 1e6,
         "refiner": cfg.MODEL.REFINER.NAME,
-        "crop_size": cfg.MODEL.REFINER.INPUT_SIZE,
+        "crop_size": crop_size,
     }
     if not args.no_flops:
         channels = model_input_channels(cfg)  # 1: the ROI heads hand the refiner luma crops
-        crops = torch.zeros(1, channels, *(2 * [cfg.MODEL.REFINER.INPUT_SIZE]))
+        crops = torch.zeros(1, channels, crop_size, crop_size)
         info["gflops_per_crop"] = count_gflops(heads.refiner, crops.to(bench.device))
     info["config"] = os.path.relpath(args.cascade_config_file, REPO)
     bench.models["refiner"] = info

@@ -140,6 +140,7 @@ class RefinerROIHeads(nn.Module):
         num_classes: int,
         input_size: int,
         context_margin: float,
+        test_input_size: Optional[int] = None,
         fusion: str = "product",
         test_crops: int = 1,
         gt_jitter_copies: int = 4,
@@ -156,6 +157,7 @@ class RefinerROIHeads(nn.Module):
                 refiner_nets).
             num_classes: classes of the refiner and of the proposals' class_probs.
             input_size: crop side S.
+            test_input_size: crop side at inference (None: ``input_size``).
             context_margin: context around each box, as a fraction of its longer side per side.
             fusion: one of FUSION_MODES.
             test_crops: crops per box averaged at inference (the box, then jittered copies).
@@ -181,6 +183,7 @@ class RefinerROIHeads(nn.Module):
         self.refiner = refiner
         self.num_classes = num_classes
         self.input_size = input_size
+        self.test_input_size = test_input_size or input_size
         self.context_margin = context_margin
         self.fusion = fusion
         self.test_crops = test_crops
@@ -206,6 +209,7 @@ class RefinerROIHeads(nn.Module):
             "refiner": build_refiner(cfg, num_classes),
             "num_classes": num_classes,
             "input_size": cfg.MODEL.REFINER.INPUT_SIZE,
+            "test_input_size": cfg.MODEL.REFINER.TEST_INPUT_SIZE or None,
             "context_margin": cfg.MODEL.REFINER.CONTEXT_MARGIN,
             "fusion": cfg.MODEL.REFINER.FUSION,
             "test_crops": cfg.MODEL.REFINER.TEST_CROPS,
@@ -285,8 +289,10 @@ class RefinerROIHeads(nn.Module):
         return {"loss_refiner": F.cross_entropy(logits, labels.long())}
 
     def crops(self, images: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
-        """:func:`crop_and_resize` at the refiner's size, in its channels (see ``luma_format``)."""
-        crops = crop_and_resize(images, boxes, self.input_size, self.context_margin)
+        """:func:`crop_and_resize` at the refiner's size (``test_input_size`` at inference), in
+        its channels (see ``luma_format``)."""
+        size = self.input_size if self.training else self.test_input_size
+        crops = crop_and_resize(images, boxes, size, self.context_margin)
         if self.luma_format and crops.shape[1] == 3:
             crops = to_luma(crops, self.luma_format)
         return crops
