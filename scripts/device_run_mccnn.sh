@@ -9,11 +9,13 @@
 # Steps: (1) install the carried wheels into a /tmp folder (the machine reaches no index); (2) check
 # that torch sees the GPU and detectron2, thyroid_det and pycocotools import, and stop at once
 # if not; (3) register the carried TN5000 (COCO JSON + WebP) through DATASETS.COCO_REGISTER;
-# (3b) calibrate: 80 iterations and one evaluation, which fail fast if anything breaks here and
-# time both stages, so that scripts/plan_device_run.py sizes the longest schedule that fits;
+# (3b) with CALIBRATE=1 only, calibrate: 80 iterations and one evaluation, which fail fast if
+# anything breaks here and time both stages, so that scripts/plan_device_run.py sizes the
+# longest schedule that fits (by default SCHEDULE, measured on an H200, is trained instead);
 # (4) train with tools/train_net.py under `timeout -s INT`, so that the script as a whole ends
 # by BUDGET_S: an interrupted run still leaves metrics.json with every evaluation made so far
-# (TEST.EVAL_PERIOD); (4b) tools/benchmark.py: the cascade's cost over Ec on the GPU; (5) summary
+# (TEST.EVAL_PERIOD); (4b) tools/benchmark.py: Ec's bare training step and the cascade's cost
+# over Ec on the GPU; (5) summary
 # table, learning curves, and the files below into $OUT.
 #
 # Brought back ($OUT, the 8 files a call may return): device_run.log (this script's output,
