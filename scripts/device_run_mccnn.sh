@@ -15,8 +15,7 @@
 # (4) train with tools/train_net.py under `timeout -s INT`, so that the script as a whole ends
 # by BUDGET_S: an interrupted run still leaves metrics.json with every evaluation made so far
 # (TEST.EVAL_PERIOD); (4b) tools/benchmark.py: Ec's bare training step and the cascade's cost
-# over Ec on the GPU; (5) summary
-# table, learning curves, and the files below into $OUT.
+# over Ec on the GPU; (5) summary table, learning curves, and the files below into $OUT.
 #
 # Brought back ($OUT, the 8 files a call may return): device_run.log (this script's output,
 # calibration and training logs included), summary.json (every evaluation's headline metrics;
@@ -153,10 +152,11 @@ if [ "${CALIBRATE:-0}" = 1 ]; then
     PLAN_S=$((BUDGET_S - RESERVE_S - ($(date +%s) - T0)))
     # 90% of what is left: an evaluation slower than the calibration's must not cut the run.
     read -r -a PLAN < <("$PY" scripts/plan_device_run.py "$SMOKE" "$WORK/calibration.log" \
-        --seconds $((PLAN_S * 9 / 10)) --smoke-detector-iters 60 --min-iter "$MIN_ITER" --launched "$LAUNCHED" --output "$WORK/plan.json" 2>>"$LOG") \
+        --seconds $((PLAN_S * 9 / 10)) --smoke-detector-iters 60 --min-iter "$MIN_ITER" \
+        --launched "$LAUNCHED" --output "$WORK/plan.json" 2>>"$LOG") \
         || die "planning the schedule (see $LOG)" 8
     [ "${#PLAN[@]}" -gt 0 ] || die "planning the schedule (see $LOG)" 8
-    log "calibration: $(cat "$WORK/plan.json" | tr -d '\n ')"
+    log "calibration: $(tr -d '\n ' <"$WORK/plan.json")"
 fi
 OPTS+=("${PLAN[@]}" "${EXTRA[@]}")
 
