@@ -75,13 +75,25 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.IN_FEATURES = ["conv4_3", "fc7", "extra1", "extra2", "extra3", "extra4"]
     # Foreground classes (benign, malignant).
     _C.MODEL.SSD.NUM_CLASSES = 2
-    # Anchor-to-ground-truth matching: IoU >= threshold is foreground.
+    # Anchor-to-ground-truth matching: "iou" (IoU >= IOU_THRESHOLDS is foreground, and each
+    # nodule keeps its best anchor) or "atss" (ATSS's adaptive threshold per nodule: among the
+    # ATSS_TOPK anchors per level nearest its centre, those with IoU >= their mean + std whose
+    # centres lie inside it).
+    _C.MODEL.SSD.MATCHER = "iou"
     _C.MODEL.SSD.IOU_THRESHOLDS = [0.5]
     _C.MODEL.SSD.IOU_LABELS = [0, 1]
+    _C.MODEL.SSD.ATSS_TOPK = 9
     # Box coding weights (dx, dy, dw, dh), as in SSD.
     _C.MODEL.SSD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-    # Smooth-L1 beta of the box loss.
+    # Box loss over positive anchors: "smooth_l1" on the coded deltas (SSD) or "giou", "diou",
+    # "ciou" on the decoded boxes (detectron2's dense box losses, as RetinaNet's
+    # BBOX_REG_LOSS_TYPE).
+    _C.MODEL.SSD.BBOX_REG_LOSS_TYPE = "smooth_l1"
+    # Smooth-L1 beta of the box loss ("smooth_l1" only).
     _C.MODEL.SSD.SMOOTH_L1_BETA = 1.0
+    # Weight of the box loss against the classification loss. An IoU-type loss per box lies in
+    # [0, 2], a few times less than smooth-L1 on SSD's (10, 10, 5, 5) deltas: ATSS weights GIoU 2.
+    _C.MODEL.SSD.BBOX_REG_LOSS_WEIGHT = 1.0
     # Classification loss: "softmax_mined" (SSD: softmax cross-entropy over positives and the
     # hardest negatives) or "sigmoid_focal" (RetinaNet: sigmoid focal loss over every anchor).
     _C.MODEL.SSD.CLS_LOSS_TYPE = "softmax_mined"

@@ -149,6 +149,28 @@ def test_losses_on_hand_built_case(model):
     assert logits.grad.abs().sum(-1).gt(0).all()
 
 
+def test_giou_box_loss_and_its_weight():
+    """BBOX_REG_LOSS_TYPE giou: 1 - GIoU of the decoded positive, times BBOX_REG_LOSS_WEIGHT."""
+    cfg = tiny_cfg()
+    cfg.MODEL.SSD.BBOX_REG_LOSS_TYPE = "giou"
+    cfg.MODEL.SSD.BBOX_REG_LOSS_WEIGHT = 2.0
+    model = build(cfg)
+    gt = [instances((64, 64), [[0, 0, 10, 10]], [1])]
+    deltas = torch.zeros(1, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        deltas[0, 0, 2] = 5 * math.log(2)  # dw weight 5: the positive twice as wide, [-5, 0, 15, 10]
+        deltas[0, 1, 1] = 9.0  # negatives' deltas never count
+    losses = model.ssd_losses(ANCHORS, [torch.zeros(1, 4, 3)], [deltas], gt)
+    # IoU 100 / 200 and the enclosing box is their union: GIoU 0.5, loss 0.5, weighted 1.0.
+    assert losses["loss_box_reg"].item() == pytest.approx(1.0, rel=1e-5)
+    losses["loss_box_reg"].backward()
+    assert deltas.grad[0, 0].abs().sum() > 0 and deltas.grad[0, 1:].abs().sum() == 0
+
+    with pytest.raises(ValueError, match="BBOX_REG_LOSS_TYPE"):
+        cfg.MODEL.SSD.BBOX_REG_LOSS_TYPE = "l2"
+        build(cfg)
+
+
 def test_hard_negative_mining_keeps_the_hardest(model):
     gt = [instances((64, 64), [[0, 0, 10, 10]], [0])]
     logits = torch.zeros(1, 4, 3)

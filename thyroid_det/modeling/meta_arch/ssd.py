@@ -2,7 +2,7 @@
 
 import inspect
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -19,10 +19,11 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from ..atss_matcher import ATSSMatcher
 from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
 from .ssd_head import SSDHead
 from .ssd_inference import ssd_inference_single_image
-from .ssd_loss import label_anchors, multibox_loss
+from .ssd_loss import BOX_REG_LOSS_TYPES, build_anchor_matcher, label_anchors, multibox_loss
 
 __all__ = ["MultiScaleSSD", "SSDHead"]
 
@@ -35,7 +36,7 @@ class MultiScaleSSD(DenseDetector):
 
     A softmax over ``num_classes + 1`` classes (background last, detectron2's convention for
     softmax heads) is predicted for every anchor together with box deltas. Training matches
-    anchors to nodules at IoU 0.5 (each nodule also keeps its best anchor), and uses smooth-L1 on
+    anchors to nodules (IoU 0.5 and each nodule's best anchor, or ATSS), and uses smooth-L1 on
     positives plus cross-entropy on positives and the hardest negatives (``neg_pos_ratio`` per
     positive: SSD used 3, Base-SSD.yaml 20), both normalised by the number of positives in the
     batch. Inference keeps confident anchors, decodes them and applies NMS.
@@ -58,13 +59,15 @@ class MultiScaleSSD(DenseDetector):
         head_in_features: Sequence[str],
         anchor_generator: nn.Module,
         box2box_transform: Box2BoxTransform,
-        anchor_matcher: Matcher,
+        anchor_matcher: Union[Matcher, ATSSMatcher],
         num_classes: int,
         cls_loss_type: str = "softmax_mined",
         neg_pos_ratio: float = 3.0,
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
+        box_reg_loss_type: str = "smooth_l1",
         smooth_l1_beta: float = 1.0,
+        box_reg_loss_weight: float = 1.0,
         test_score_thresh: float = 0.01,
         test_topk_candidates: int = 400,
         test_nms_thresh: float = 0.45,
@@ -86,14 +89,18 @@ class MultiScaleSSD(DenseDetector):
                 ``image_size`` (NodulePriorAnchorGenerator) is given the network-input size, others
                 only the features (decided here, once).
             box2box_transform: box coding; SSD uses weights (10, 10, 5, 5).
-            anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored).
+            anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored): a
+                detectron2 ``Matcher`` or an :class:`ATSSMatcher`.
             num_classes: foreground classes (2: benign, malignant).
             cls_loss_type: "softmax_mined": SSD's softmax cross-entropy over positives and hard
                 negatives; "sigmoid_focal": RetinaNet's sigmoid focal loss over every anchor
                 that is not ignored (the head then has no background logit).
             neg_pos_ratio: hard negatives kept per positive anchor, per image ("softmax_mined").
             focal_loss_alpha, focal_loss_gamma: the focal loss's parameters ("sigmoid_focal").
+            box_reg_loss_type: "smooth_l1" on the coded deltas, or "giou", "diou", "ciou" on
+                the decoded boxes (detectron2's ``_dense_box_regression_loss``).
             smooth_l1_beta: transition point of the smooth-L1 box loss.
+            box_reg_loss_weight: weight of the box loss against the classification loss.
             test_score_thresh: minimum foreground probability of a kept detection.
             test_topk_candidates: candidates (over all levels) kept before NMS.
             test_nms_thresh: IoU above which NMS suppresses a box.
@@ -135,7 +142,14 @@ class MultiScaleSSD(DenseDetector):
         self.neg_pos_ratio = neg_pos_ratio
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
+        if box_reg_loss_type not in BOX_REG_LOSS_TYPES:
+            raise ValueError(
+                f"MODEL.SSD.BBOX_REG_LOSS_TYPE {box_reg_loss_type!r}: expected one of "
+                f"{BOX_REG_LOSS_TYPES}"
+            )
+        self.box_reg_loss_type = box_reg_loss_type
         self.smooth_l1_beta = smooth_l1_beta
+        self.box_reg_loss_weight = box_reg_loss_weight
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
@@ -164,17 +178,15 @@ class MultiScaleSSD(DenseDetector):
             "head_in_features": in_features,
             "anchor_generator": anchor_generator,
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.SSD.BBOX_REG_WEIGHTS),
-            "anchor_matcher": Matcher(
-                cfg.MODEL.SSD.IOU_THRESHOLDS,
-                cfg.MODEL.SSD.IOU_LABELS,
-                allow_low_quality_matches=True,
-            ),
+            "anchor_matcher": build_anchor_matcher(cfg),
             "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
             "cls_loss_type": cfg.MODEL.SSD.CLS_LOSS_TYPE,
             "neg_pos_ratio": cfg.MODEL.SSD.NEG_POS_RATIO,
             "focal_loss_alpha": cfg.MODEL.SSD.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": cfg.MODEL.SSD.FOCAL_LOSS_GAMMA,
+            "box_reg_loss_type": cfg.MODEL.SSD.BBOX_REG_LOSS_TYPE,
             "smooth_l1_beta": cfg.MODEL.SSD.SMOOTH_L1_BETA,
+            "box_reg_loss_weight": cfg.MODEL.SSD.BBOX_REG_LOSS_WEIGHT,
             "test_score_thresh": cfg.MODEL.SSD.SCORE_THRESH_TEST,
             "test_topk_candidates": cfg.MODEL.SSD.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": cfg.MODEL.SSD.NMS_THRESH_TEST,
@@ -315,7 +327,7 @@ class MultiScaleSSD(DenseDetector):
 
         Returns:
             "loss_cls": cross-entropy over positives and hard negatives, and "loss_box_reg":
-            smooth-L1 over positives, both divided by the batch's positives (at least 1).
+            the box loss over positives, both divided by the batch's positives (at least 1).
             An image without nodules has no positives, hence no negatives, and adds nothing.
             Non-finite losses are left to detectron2's trainer, which raises on them.
         """
@@ -332,7 +344,9 @@ class MultiScaleSSD(DenseDetector):
             neg_pos_ratio=self.neg_pos_ratio,
             focal_loss_alpha=self.focal_loss_alpha,
             focal_loss_gamma=self.focal_loss_gamma,
+            box_reg_loss_type=self.box_reg_loss_type,
             smooth_l1_beta=self.smooth_l1_beta,
+            box_reg_loss_weight=self.box_reg_loss_weight,
         )
 
     @torch.no_grad()

@@ -1,40 +1,71 @@
-"""SSD's multibox loss: anchors labelled by IoU, smooth-L1 on positives, and cross-entropy on
-positives and hard negatives (or RetinaNet's sigmoid focal loss on every anchor not ignored)."""
-from typing import Dict, List, Tuple
+"""SSD's multibox loss: anchors labelled by IoU, smooth-L1 (or an IoU-type loss) on positives, and
+cross-entropy on positives and hard negatives (or RetinaNet's sigmoid focal loss on every anchor
+not ignored)."""
+from typing import Dict, List, Tuple, Union
 
 import torch
-from detectron2.layers import nonzero_tuple
-from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, Instances, pairwise_iou
-from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
+from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["hard_negative_mask", "label_anchors", "multibox_loss"]
+from ..atss_matcher import ATSSMatcher
+
+__all__ = [
+    "BOX_REG_LOSS_TYPES",
+    "build_anchor_matcher",
+    "hard_negative_mask",
+    "label_anchors",
+    "multibox_loss",
+]
+
+# The box losses detectron2's dense detectors support (``_dense_box_regression_loss``).
+BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
+
+
+def build_anchor_matcher(cfg):
+    """``MODEL.SSD.MATCHER``: "iou", detectron2's ``Matcher`` at ``IOU_THRESHOLDS`` (each nodule
+    also keeps its best anchor), or "atss", :class:`ATSSMatcher` with ``ATSS_TOPK``."""
+    name = cfg.MODEL.SSD.MATCHER
+    if name == "iou":
+        return Matcher(
+            cfg.MODEL.SSD.IOU_THRESHOLDS, cfg.MODEL.SSD.IOU_LABELS, allow_low_quality_matches=True
+        )
+    if name == "atss":
+        return ATSSMatcher(cfg.MODEL.SSD.ATSS_TOPK)
+    raise ValueError(f"MODEL.SSD.MATCHER {name!r}: expected 'iou' or 'atss'")
 
 
 @torch.no_grad()
 def label_anchors(
-    anchors: List[Boxes], gt_instances: List[Instances], anchor_matcher: Matcher, num_classes: int
+    anchors: List[Boxes],
+    gt_instances: List[Instances],
+    anchor_matcher: Union[Matcher, ATSSMatcher],
+    num_classes: int,
 ) -> Tuple[Tensor, Tensor]:
     """Match anchors to ground truth.
 
     Args:
         anchors: per-level anchors, concatenated into R.
         gt_instances: per image, gt_boxes and gt_classes in the anchors' frame.
-        anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored).
+        anchor_matcher: labels anchors 1 (foreground), 0 (background) or -1 (ignored): a
+            detectron2 ``Matcher`` from the IoU matrix, or an :class:`ATSSMatcher` from the
+            boxes.
         num_classes: foreground classes C; C is the background label.
 
     Returns:
         gt_labels: (N, R) in {-1 (ignore), 0..C-1 (class), C (background)}.
         matched_gt_boxes: (N, R, 4); meaningful only where the label is a class.
     """
-    anchors = Boxes.cat(anchors)
+    level_anchors, anchors = anchors, Boxes.cat(anchors)
     labels, matched_boxes = [], []
     for gt in gt_instances:
-        quality = pairwise_iou(gt.gt_boxes, anchors)
-        matched_idxs, anchor_labels = anchor_matcher(quality)
+        if isinstance(anchor_matcher, ATSSMatcher):
+            matched_idxs, anchor_labels = anchor_matcher(gt.gt_boxes, level_anchors)
+        else:
+            matched_idxs, anchor_labels = anchor_matcher(pairwise_iou(gt.gt_boxes, anchors))
         if len(gt) > 0:
             gt_labels = gt.gt_classes[matched_idxs].clone()
             gt_labels[anchor_labels == 0] = num_classes
@@ -83,6 +114,8 @@ def multibox_loss(
     focal_loss_alpha: float,
     focal_loss_gamma: float,
     smooth_l1_beta: float,
+    box_reg_loss_type: str = "smooth_l1",
+    box_reg_loss_weight: float = 1.0,
 ) -> Dict[str, Tensor]:
     """SSD's multibox loss of a batch.
 
@@ -91,11 +124,12 @@ def multibox_loss(
         logits, deltas: (N, R, K) class logits and (N, R, 4) box deltas.
         gt_labels, gt_boxes: (N, R) labels and (N, R, 4) matched boxes, from :func:`label_anchors`.
         num_classes, box2box_transform, cls_loss_type, neg_pos_ratio, focal_loss_alpha,
-        focal_loss_gamma, smooth_l1_beta: as :class:`MultiScaleSSD` takes them.
+        focal_loss_gamma, smooth_l1_beta, box_reg_loss_type, box_reg_loss_weight: as
+        :class:`MultiScaleSSD` takes them.
 
     Returns:
-        "loss_cls" and "loss_box_reg" (smooth-L1 over positives), both divided by the batch's
-        positives (at least 1). "softmax_mined": cross-entropy over positives and hard negatives,
+        "loss_cls" and "loss_box_reg" (the box loss over positives, times its weight), both
+        divided by the batch's positives (at least 1). "softmax_mined": cross-entropy over positives and hard negatives,
         so an image without nodules has no positives, hence no negatives, and adds nothing;
         "sigmoid_focal": focal loss over every anchor that is not ignored.
     """
@@ -104,12 +138,14 @@ def multibox_loss(
     num_pos = positives.sum(dim=1)
     normalizer = num_pos.sum().clamp(min=1).to(logits.dtype)
 
-    pos_image, pos_anchor = nonzero_tuple(positives)
-    target_deltas = box2box_transform.get_deltas(
-        anchors[pos_anchor], gt_boxes[pos_image, pos_anchor]
-    )
-    loss_box_reg = smooth_l1_loss(
-        deltas[pos_image, pos_anchor], target_deltas, smooth_l1_beta, reduction="sum"
+    loss_box_reg = _dense_box_regression_loss(
+        [Boxes(anchors)],
+        box2box_transform,
+        [deltas],
+        list(gt_boxes),
+        positives,
+        box_reg_loss_type=box_reg_loss_type,
+        smooth_l1_beta=smooth_l1_beta,
     )
 
     if cls_loss_type == "sigmoid_focal":
@@ -130,4 +166,7 @@ def multibox_loss(
         selected = positives | hard_negative_mask(ce.detach(), negatives, num_pos, neg_pos_ratio)
         loss_cls = ce[selected].sum()
 
-    return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
+    return {
+        "loss_cls": loss_cls / normalizer,
+        "loss_box_reg": loss_box_reg * box_reg_loss_weight / normalizer,
+    }
