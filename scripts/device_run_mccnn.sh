@@ -34,6 +34,8 @@
 #   CALIBRATE=0        1: calibrate instead (80 iterations and an evaluation, ~130 s) and plan
 #                      the schedule from what it measures: for other hardware
 #   BENCH=1            0: no benchmark
+#   TRAIN=1            0: benchmarks only (more of them, see bench below; ~4 min), for a second
+#                      call: run(command="TRAIN=0 bash scripts/device_run_mccnn.sh", ...)
 #   NUM_WORKERS=12     data-loader workers (16 cores: 12 mappers, the rest for the main process)
 #   EXTRA_OPTS="..."   more KEY VALUE config overrides, appended last (after the planned ones)
 #   PYTHON=python3     the interpreter (the machine's own holds torch)
@@ -123,6 +125,39 @@ EXTRA=(${EXTRA_OPTS:-})
 
 NUM='(nan|[0-9.]+)'
 
+# tools/benchmark.py on this GPU, random weights at mccnn.yaml's 320 px: Ec's training step alone
+# at batch 32 (forward, backward, SGD; bf16 autocast), to compare with the trainer's seconds per
+# iteration (loader, hooks, clipping, EMA on top), and the cascade's cost over Ec with exactly k
+# detections reaching the refiner. With TRAIN=0 also each cascade config at its own size, its
+# refiner plain and under torch.compile's CUDA graphs (benchmark_gpu_<config>_<mode>.json).
+bench() {
+    log "benchmark: Ec's training step, the cascade over Ec"
+    timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda --amp \
+        --only ec cascade --no-flops --size 320 --train-batch 32 \
+        --config-file configs/Base-SSD.yaml --warmup 2 --repeats 10 \
+        --output "$OUT/benchmark_gpu.json" >>"$LOG" 2>&1 || log "benchmark failed or was cut (see log)"
+    [ "${TRAIN:-1}" = 0 ] || return 0
+    local spec name size mode
+    for spec in mccnn:320 mccnn_cpu:256; do
+        name=${spec%:*} size=${spec#*:}
+        for mode in plain reduce-overhead; do
+            log "benchmark: $name.yaml's cascade over its Ec at $size px, refiner $mode"
+            timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda \
+                --only cascade --no-train --size "$size" --detections 1 10 --warmup 3 --repeats 20 \
+                --cascade-config-file "configs/$name.yaml" \
+                $([ "$mode" = plain ] || echo --compile-refiner "$mode") \
+                --output "$OUT/benchmark_gpu_${name}_$mode.json" >>"$LOG" 2>&1 \
+                || log "benchmark failed or was cut (see log)"
+        done
+    done
+}
+if [ "${TRAIN:-1}" = 0 ]; then
+    [ "$TINY" = 1 ] && die "TRAIN=0 benchmarks a GPU; the rehearsal has none" 9
+    bench
+    log "done (TRAIN=0: benchmarks only); back in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+    exit 0
+fi
+
 # (3b) Calibration: the config for 80 iterations (60 of Ec, 20 of the refiner) and its final
 # evaluation on the whole validation split. It fails fast if anything breaks on this machine
 # (CUDA, AMP, the evaluators), and times a step of each stage, the start-up and one evaluation,
@@ -182,17 +217,8 @@ case $TRAIN_RC in
     *) log "training FAILED (rc $TRAIN_RC); the log's last lines:"; tail -n 25 "$LOG" ;;
 esac
 
-# (4b) tools/benchmark.py on this GPU, random weights at mccnn.yaml's 320 px: Ec's training step
-# alone at batch 32 (forward, backward, SGD; bf16 autocast), to compare with the trainer's
-# seconds per iteration (loader, hooks, clipping, EMA on top), and the cascade's cost over Ec
-# with exactly k detections reaching the refiner. BENCH=0 skips it.
-if [ "${BENCH:-1}" = 1 ] && [ "$TINY" != 1 ]; then
-    log "benchmark: Ec's training step, the cascade over Ec"
-    timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda --amp \
-        --only ec cascade --no-flops --size 320 --train-batch 32 \
-        --config-file configs/Base-SSD.yaml --warmup 2 --repeats 10 \
-        --output "$OUT/benchmark_gpu.json" >>"$LOG" 2>&1 || log "benchmark failed or was cut (see log)"
-fi
+# (4b) The benchmark (bench, defined before (3b)).
+[ "${BENCH:-1}" = 1 ] && [ "$TINY" != 1 ] && bench
 
 # (5) What comes back.
 LABEL="mccnn.yaml, $(sed -n 's/^cuda True //p' "$LOG" | head -1)"

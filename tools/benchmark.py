@@ -104,6 +104,11 @@ def parse_args(argv=None):
         help="the refiner's plain layers at inference instead of its fused ones "
         "(modeling/fused_inference.py): what the fusion gains",
     )
+    parser.add_argument(
+        "--compile-refiner", choices=("default", "reduce-overhead", "max-autotune"), default=None,
+        help="torch.compile the refiner network in the refiner and cascade rows, in this mode "
+        "(reduce-overhead: CUDA graphs on a GPU); the warm-up calls compile",
+    )
     parser.add_argument("--batch", type=int, default=None, help="inference batch > 1 (default 4)")
     parser.add_argument("--train-batch", type=int, default=None, help="training batch (default 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
@@ -173,7 +178,7 @@ def _fill_defaults(args, parser):
         if not os.path.isfile(path):
             parser.error(f"--{flag.replace('_', '-')}: no such file {path}")
     args.size = tuple(args.size)
-    if quick:  # FLOPs do not change from run to run; the full run counts them
+    if quick or args.compile_refiner:  # FLOPs do not change from run to run or when compiled
         args.no_flops = True
     # Training and larger-batch rows: at most 3 timed calls, each costs several batch-1 calls.
     args.train_repeats = max(1, min(args.repeats, 3))
@@ -192,8 +197,8 @@ def main(argv=None):
         torch.set_num_threads(threads)
 
 
-SETTINGS = ("threads", "device", "clock", "amp", "channels_last", "unfused", "batch",
-            "train_batch", "warmup", "repeats", "train_repeats", "quick", "no_train", "config_file",
+SETTINGS = ("threads", "device", "clock", "amp", "channels_last", "unfused", "compile_refiner",
+            "batch", "train_batch", "warmup", "repeats", "train_repeats", "quick", "no_train", "config_file",
             "matched_config_file", "cascade_config_file")
 
 

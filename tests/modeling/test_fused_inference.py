@@ -142,3 +142,20 @@ def test_unfused_runs_the_plain_layers():
         fused = conv(x)
     assert not plain.is_contiguous(memory_format=torch.channels_last)  # NCHW: no fusion
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_refiner_is_one_graph_of_the_plain_layers():
+    """torch.compile (tools/benchmark.py --compile-refiner) traces the plain layers in one graph
+    (the fused path's weight caches would break it) and gives the eager fused outputs."""
+    from thyroid_det.modeling.refiner_nets import build_refiner
+
+    from .test_refiner_nets import tiny_cfg
+
+    torch.manual_seed(0)
+    net = randomise_norm(build_refiner(tiny_cfg("AlexNetSPConv5"))).eval()
+    crops = torch.randn(4, 1, 64, 64)
+    compiled = torch.compile(net, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        eager = net(crops)
+        torch.testing.assert_close(compiled(crops), eager, rtol=1e-4, atol=1e-4)
+        assert runs_fused(net)  # the eager call above took the fused path

@@ -139,6 +139,16 @@ def test_cpu_clock_times_the_unfused_cascade(benchmark, tiny_opts):
     assert rows and all(r["median_s"] > 0 and r["vs_ec"] > 0 for r in rows)
 
 
+def test_compiled_refiner_rows(benchmark, tiny_opts):
+    results = benchmark.main(
+        FAST + ["--compile-refiner", "default", "--only", "refiner", "--refiner-detections", "2"]
+        + ["--opts"] + tiny_opts
+    )
+    assert results["settings"]["compile_refiner"] == "default"
+    rows = [r for r in results["rows"] if r["model"] == "refiner"]
+    assert [r["detections"] for r in rows] == [2] and rows[0]["median_s"] > 0
+
+
 def test_real_reference_is_torchvisions_ssd300_at_the_requested_size(benchmark):
     model = benchmark_sections.build_reference((320, 400))
     assert type(model).__name__ == "SSD"

@@ -27,9 +27,15 @@ _fused = True
 
 
 def runs_fused(module: nn.Module) -> bool:
-    """Whether ``module`` runs fused: in eval mode, without autograd, not being traced (an
-    exported graph keeps the plain layers) and not inside :func:`unfused`."""
-    return _fused and not (module.training or torch.is_grad_enabled() or torch.jit.is_tracing())
+    """Whether ``module`` runs fused: in eval mode, without autograd, not being traced or
+    compiled (an exported graph keeps the plain layers; ``torch.compile`` fuses them itself) and
+    not inside :func:`unfused`."""
+    return _fused and not (
+        module.training
+        or torch.is_grad_enabled()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+    )
 
 
 @contextlib.contextmanager

@@ -73,6 +73,15 @@ def prepare(model, args):
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
+def compile_refiner(model, args):
+    """``--compile-refiner MODE``: the cascade's refiner network under ``torch.compile``, one
+    static shape per model (each cascade row refines a fixed number of crops)."""
+    if args.compile_refiner:
+        heads = model.roi_heads
+        heads.refiner = torch.compile(heads.refiner, mode=args.compile_refiner, dynamic=False)
+    return model
+
+
 def build_reference(size, num_classes=3):
     """torchvision's SSD300-VGG16 architecture, random weights, resizing to exactly ``size``."""
     model = torchvision.models.detection.ssd300_vgg16(
@@ -137,7 +146,7 @@ def run_detectors(bench, args, names):
 def run_refiner(bench, args):
     """The cascade's ROI heads alone (crop k detections, one batched refiner call, fuse)."""
     cfg = benchmark_cfg(args.cascade_config_file, args)
-    model = build_ours(cfg, args).eval()
+    model = compile_refiner(build_ours(cfg, args).eval(), args)
     heads = model.roi_heads
     images = args.batch_data[0][:1].to(bench.device)
     image_list = ImageList(((images.float() - model.pixel_mean) / model.pixel_std)[None],
@@ -195,7 +204,7 @@ def run_cascade(bench, args):
     counters, cascades = {}, {}
     for k in args.detections:
         cfg = benchmark_cfg(args.cascade_config_file, args, overrides(k))
-        cascades[k] = build_ours(cfg, args).eval()
+        cascades[k] = compile_refiner(build_ours(cfg, args).eval(), args)
         counters[k] = DetectionCounter(cascades[k].roi_heads)
         fns[k] = no_grad_call(bench, cascades[k], inputs)
     group, timings = bench.time_round_robin(fns, args.repeats)
