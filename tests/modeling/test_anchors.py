@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -211,6 +212,10 @@ def test_fit_priors_writes_a_mergeable_fragment_that_covers_better(tmp_path, cap
         ]
     )
     printed = capsys.readouterr().out
+    # IoU 0.5 with each box's best anchor kept: every box has at least one positive.
+    positives = re.search(r"positive anchors per box.*\(IoU >= 0.5\): mean ([\d.]+), median (\d+)"
+                          r".*; 0 of 12 boxes get none", printed)
+    assert positives and float(positives.group(1)) >= 1, printed
     rows = {
         line[:42].strip(): line.split()[-3:]
         for line in printed.splitlines()
