@@ -198,8 +198,8 @@ def main(argv=None):
 
 
 SETTINGS = ("threads", "device", "clock", "amp", "channels_last", "unfused", "compile_refiner",
-            "batch", "train_batch", "warmup", "repeats", "train_repeats", "quick", "no_train", "config_file",
-            "matched_config_file", "cascade_config_file")
+            "batch", "train_batch", "warmup", "repeats", "train_repeats", "quick", "no_train",
+            "config_file", "matched_config_file", "cascade_config_file")
 
 
 def _run(args):

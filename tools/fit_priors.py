@@ -339,7 +339,8 @@ def main(argv=None):
             print(
                 f"  positive anchors per box, the config's anchors and matcher ({matcher}): "
                 f"mean {counts.mean():.1f}, median {np.median(counts):.0f}, 10th percentile "
-                f"{np.percentile(counts, 10):.0f}; {(counts == 0).sum()} of {len(counts)} boxes get none"
+                f"{np.percentile(counts, 10):.0f}; "
+                f"{(counts == 0).sum()} of {len(counts)} boxes get none"
             )
     print()
     write_fragment(args.output, args.dataset, len(gt), input_hw, sizes, ratios)

@@ -158,7 +158,8 @@ def test_giou_box_loss_and_its_weight():
     gt = [instances((64, 64), [[0, 0, 10, 10]], [1])]
     deltas = torch.zeros(1, 4, 4, requires_grad=True)
     with torch.no_grad():
-        deltas[0, 0, 2] = 5 * math.log(2)  # dw weight 5: the positive twice as wide, [-5, 0, 15, 10]
+        # dw's weight is 5: the positive becomes twice as wide, [-5, 0, 15, 10]
+        deltas[0, 0, 2] = 5 * math.log(2)
         deltas[0, 1, 1] = 9.0  # negatives' deltas never count
     losses = model.ssd_losses(ANCHORS, [torch.zeros(1, 4, 3)], [deltas], gt)
     # IoU 100 / 200 and the enclosing box is their union: GIoU 0.5, loss 0.5, weighted 1.0.

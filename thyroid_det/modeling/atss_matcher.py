@@ -54,7 +54,8 @@ class ATSSMatcher:
             start += len(level)
         candidates = torch.cat(candidates, dim=1)  # (G, K)
         candidate_iou = iou.gather(1, candidates)
-        threshold = candidate_iou.mean(dim=1) + candidate_iou.std(dim=1, unbiased=True).nan_to_num(0)
+        # mean + (sample) standard deviation; one candidate alone has no deviation
+        threshold = candidate_iou.mean(dim=1) + candidate_iou.std(dim=1).nan_to_num(0)
         x, y = anchor_centers[candidates].unbind(dim=-1)  # (G, K) each
         box = gt_boxes.tensor[:, None, :]
         inside = (x > box[..., 0]) & (y > box[..., 1]) & (x < box[..., 2]) & (y < box[..., 3])

@@ -36,10 +36,11 @@ class MultiScaleSSD(DenseDetector):
 
     A softmax over ``num_classes + 1`` classes (background last, detectron2's convention for
     softmax heads) is predicted for every anchor together with box deltas. Training matches
-    anchors to nodules (IoU 0.5 and each nodule's best anchor, or ATSS), and uses smooth-L1 on
-    positives plus cross-entropy on positives and the hardest negatives (``neg_pos_ratio`` per
-    positive: SSD used 3, Base-SSD.yaml 20), both normalised by the number of positives in the
-    batch. Inference keeps confident anchors, decodes them and applies NMS.
+    anchors to nodules (from an IoU threshold, each nodule keeping its best anchor, or by ATSS),
+    and uses smooth-L1 (or an IoU-type loss) on positives plus cross-entropy on positives and the
+    hardest negatives (``neg_pos_ratio`` per positive: SSD used 3, Base-SSD.yaml 20), both
+    normalised by the number of positives in the batch. Inference keeps confident anchors,
+    decodes them and applies NMS.
 
     A detectron2 ``DenseDetector``: its ``forward`` runs preprocess -> backbone -> head, then
     :meth:`forward_training` (``ssd_losses``) or :meth:`forward_inference` (``ssd_inference``),

@@ -129,8 +129,8 @@ def multibox_loss(
 
     Returns:
         "loss_cls" and "loss_box_reg" (the box loss over positives, times its weight), both
-        divided by the batch's positives (at least 1). "softmax_mined": cross-entropy over positives and hard negatives,
-        so an image without nodules has no positives, hence no negatives, and adds nothing;
+        divided by the batch's positives (at least 1). "softmax_mined": cross-entropy over
+        positives and hard negatives, so an image without nodules has no positives, hence no negatives, and adds nothing;
         "sigmoid_focal": focal loss over every anchor that is not ignored.
     """
     positives = (gt_labels >= 0) & (gt_labels < num_classes)
