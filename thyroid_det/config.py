@@ -77,8 +77,8 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.NUM_CLASSES = 2
     # Anchor-to-ground-truth matching: "iou" (IoU >= IOU_THRESHOLDS is foreground, and each
     # nodule keeps its best anchor) or "atss" (ATSS's adaptive threshold per nodule: among the
-    # ATSS_TOPK anchors per level nearest its centre, those with IoU >= their mean + std whose
-    # centres lie inside it).
+    # anchors at the ATSS_TOPK locations per level nearest its centre, those with IoU >= their
+    # mean + std whose centres lie inside it).
     _C.MODEL.SSD.MATCHER = "iou"
     _C.MODEL.SSD.IOU_THRESHOLDS = [0.5]
     _C.MODEL.SSD.IOU_LABELS = [0, 1]

@@ -210,7 +210,7 @@ def positives_per_box(cfg, boxes, strides, grids, input_hw):
     matcher, through Ec's own labelling (:func:`label_anchors`)."""
     generator = build_anchor_generator(cfg, [ShapeSpec(stride=s) for s in strides])
     anchors = generator([torch.empty(1, 1, *g) for g in grids], input_hw)
-    matcher = build_anchor_matcher(cfg)
+    matcher = build_anchor_matcher(cfg, generator.num_cell_anchors)
     counts = []
     for box in tqdm(torch.as_tensor(boxes, dtype=torch.float32), desc="matching", leave=False):
         gt = Instances(input_hw, gt_boxes=Boxes(box[None]))

@@ -1,5 +1,7 @@
 """ATSSMatcher: per nodule, the anchors whose IoU beats its candidates' mean + std, centre inside;
 and Ec labelling with it (MODEL.SSD.MATCHER atss)."""
+import math
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -49,6 +51,20 @@ def test_centres_outside_the_nodule_are_never_positive():
     assert labels.nonzero().flatten().tolist() == [LARGE_EXACT]  # centre inside: positive
 
 
+def test_candidates_are_topk_locations_times_anchors_per_location():
+    box = Boxes(torch.tensor([[10.0, 10, 30, 30]]))
+    assert ATSSMatcher(topk=2).candidates(box, LEVELS).shape == (1, 2 + 2)
+    # Level 0 read as 4 anchors per location: 8 candidates there, the 8 nearest the centre.
+    wide = ATSSMatcher(topk=2, anchors_per_location=[4, 1])
+    candidates = wide.candidates(box, LEVELS)
+    assert candidates.shape == (1, 8 + 2)
+    centres = Boxes.cat(LEVELS).get_centers()[candidates[0, :8]]
+    assert (centres - 20).norm(dim=1).max() <= math.hypot(8, 8) + 1e-4
+    assert wide(box, LEVELS)[1].nonzero().flatten().tolist() == [LARGE_EXACT]
+    with pytest.raises(ValueError, match="given for 3 levels"):
+        ATSSMatcher(topk=2, anchors_per_location=[1, 1, 1])(box, LEVELS)
+
+
 def test_no_nodules_and_bad_topk():
     matched, labels = ATSSMatcher()(Boxes(torch.zeros(0, 4)), LEVELS)
     assert labels.sum() == 0 and matched.shape == (27,)
@@ -63,6 +79,10 @@ def test_ec_labels_with_atss():
     cfg.MODEL.SSD.MATCHER = "atss"
     cfg.MODEL.SSD.ATSS_TOPK = 2
     model = build_model(cfg)
+    # ATSS_TOPK locations per level: times the generator's anchors per location.
+    assert isinstance(model.anchor_matcher, ATSSMatcher)
+    assert model.anchor_matcher.anchors_per_location == model.anchor_generator.num_cell_anchors
+    model.anchor_matcher = ATSSMatcher(topk=2)  # the two hand-built levels, one anchor each
     gt = Instances((40, 40))
     gt.gt_boxes = Boxes(torch.tensor([[10.0, 10, 30, 30], [16, 16, 24, 24]]))
     gt.gt_classes = torch.tensor([1, 0])

@@ -1,7 +1,7 @@
 """ATSS's adaptive anchor assignment (Zhang et al., "Bridging the Gap Between Anchor-based and
 Anchor-free Detection via Adaptive Training Sample Selection", CVPR 2020), as an alternative to
 a fixed IoU threshold for Ec (``MODEL.SSD.MATCHER "atss"``)."""
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.structures import Boxes, pairwise_iou
@@ -11,8 +11,9 @@ __all__ = ["ATSSMatcher"]
 
 
 class ATSSMatcher:
-    """Per ground-truth box, the ``topk`` anchors of each level whose centres lie closest to its
-    centre are candidates; those whose IoU with it reaches the candidates' mean + standard
+    """Per ground-truth box, the anchors at the ``topk`` locations of each level whose centres lie
+    closest to its centre are candidates (``topk`` times the level's anchors per location, as
+    ATSS's own code counts them); those whose IoU with it reaches the candidates' mean + standard
     deviation, and whose centre lies inside it, are its positives. An anchor claimed by several
     boxes goes to the one it overlaps most. Every other anchor is background: nothing is
     ignored, and the threshold adapts to each box's size and shape instead of a fixed IoU.
@@ -21,10 +22,17 @@ class ATSSMatcher:
     IoU matrix, so that :func:`~.meta_arch.ssd_loss.label_anchors` labels with either.
     """
 
-    def __init__(self, topk: int = 9):
+    def __init__(self, topk: int = 9, anchors_per_location: Sequence[int] = (1,)):
+        """
+        Args:
+            topk: candidate locations per level (ATSS: 9).
+            anchors_per_location: anchors per location on each level (the anchor generator's
+                ``num_cell_anchors``); one value serves every level.
+        """
         if topk < 1:
             raise ValueError(f"MODEL.SSD.ATSS_TOPK must be >= 1, got {topk}")
         self.topk = topk
+        self.anchors_per_location = list(anchors_per_location)
 
     @torch.no_grad()
     def __call__(self, gt_boxes: Boxes, anchors: List[Boxes]) -> Tuple[Tensor, Tensor]:
@@ -45,14 +53,7 @@ class ATSSMatcher:
             return zeros, zeros.to(torch.int8)
         iou = pairwise_iou(gt_boxes, all_anchors)  # (G, R)
         anchor_centers = all_anchors.get_centers()
-        distance = torch.cdist(gt_boxes.get_centers(), anchor_centers)  # (G, R)
-        candidates, start = [], 0
-        for level in anchors:
-            k = min(self.topk, len(level))
-            nearest = distance[:, start : start + len(level)].topk(k, dim=1, largest=False)
-            candidates.append(nearest.indices + start)
-            start += len(level)
-        candidates = torch.cat(candidates, dim=1)  # (G, K)
+        candidates = self.candidates(gt_boxes, anchors)  # (G, K)
         candidate_iou = iou.gather(1, candidates)
         # mean + (sample) standard deviation; one candidate alone has no deviation
         threshold = candidate_iou.mean(dim=1) + candidate_iou.std(dim=1).nan_to_num(0)
@@ -65,5 +66,25 @@ class ATSSMatcher:
         labels = (best_iou >= 0).to(torch.int8)
         return matched_idxs, labels
 
+    def candidates(self, gt_boxes: Boxes, anchors: List[Boxes]) -> Tensor:
+        """(G, K) indices into the concatenated anchors: per box and level, the anchors at the
+        ``topk`` locations nearest the box's centre."""
+        per_location = self.anchors_per_location
+        if len(per_location) == 1:
+            per_location = per_location * len(anchors)
+        if len(per_location) != len(anchors):
+            raise ValueError(
+                f"ATSSMatcher: anchors per location given for {len(per_location)} levels, "
+                f"the anchors come in {len(anchors)}"
+            )
+        centers = gt_boxes.get_centers()
+        candidates, start = [], 0
+        for level, per_loc in zip(anchors, per_location):
+            distance = torch.cdist(centers, level.get_centers())  # (G, R_level)
+            k = min(self.topk * per_loc, len(level))
+            candidates.append(distance.topk(k, dim=1, largest=False).indices + start)
+            start += len(level)
+        return torch.cat(candidates, dim=1)
+
     def __repr__(self):
-        return f"ATSSMatcher(topk={self.topk})"
+        return f"ATSSMatcher(topk={self.topk}, anchors_per_location={self.anchors_per_location})"

@@ -179,7 +179,7 @@ class MultiScaleSSD(DenseDetector):
             "head_in_features": in_features,
             "anchor_generator": anchor_generator,
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.SSD.BBOX_REG_WEIGHTS),
-            "anchor_matcher": build_anchor_matcher(cfg),
+            "anchor_matcher": build_anchor_matcher(cfg, anchor_generator.num_cell_anchors),
             "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
             "cls_loss_type": cfg.MODEL.SSD.CLS_LOSS_TYPE,
             "neg_pos_ratio": cfg.MODEL.SSD.NEG_POS_RATIO,

@@ -25,16 +25,17 @@ __all__ = [
 BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
 
 
-def build_anchor_matcher(cfg):
+def build_anchor_matcher(cfg, num_cell_anchors: List[int]):
     """``MODEL.SSD.MATCHER``: "iou", detectron2's ``Matcher`` at ``IOU_THRESHOLDS`` (each nodule
-    also keeps its best anchor), or "atss", :class:`ATSSMatcher` with ``ATSS_TOPK``."""
+    also keeps its best anchor), or "atss", :class:`ATSSMatcher` with ``ATSS_TOPK`` locations per
+    level (``num_cell_anchors``: the anchor generator's anchors per location on each level)."""
     name = cfg.MODEL.SSD.MATCHER
     if name == "iou":
         return Matcher(
             cfg.MODEL.SSD.IOU_THRESHOLDS, cfg.MODEL.SSD.IOU_LABELS, allow_low_quality_matches=True
         )
     if name == "atss":
-        return ATSSMatcher(cfg.MODEL.SSD.ATSS_TOPK)
+        return ATSSMatcher(cfg.MODEL.SSD.ATSS_TOPK, num_cell_anchors)
     raise ValueError(f"MODEL.SSD.MATCHER {name!r}: expected 'iou' or 'atss'")
 
 
@@ -130,8 +131,9 @@ def multibox_loss(
     Returns:
         "loss_cls" and "loss_box_reg" (the box loss over positives, times its weight), both
         divided by the batch's positives (at least 1). "softmax_mined": cross-entropy over
-        positives and hard negatives, so an image without nodules has no positives, hence no negatives, and adds nothing;
-        "sigmoid_focal": focal loss over every anchor that is not ignored.
+        positives and hard negatives, so an image without nodules has no positives, hence no
+        negatives, and adds nothing; "sigmoid_focal": focal loss over every anchor that is not
+        ignored.
     """
     positives = (gt_labels >= 0) & (gt_labels < num_classes)
     negatives = gt_labels == num_classes
