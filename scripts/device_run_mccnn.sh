@@ -21,7 +21,8 @@
 # calibration and training logs included), summary.json (every evaluation's headline metrics;
 # completed or cut), metrics.json, nodule_metrics.json (the last evaluation's clinical report),
 # learning_curves.png, config.yaml, gpu.csv (utilisation and memory every 15 s) and
-# benchmark_gpu.json. The full-size model (hundreds of MiB) stays there.
+# benchmark_gpu.json; with TRAIN=0, device_run.log, benchmark_gpu.json and
+# benchmark_gpu_<config>_<mode>.json (4 files). The full-size model (hundreds of MiB) stays there.
 #
 # Environment (defaults are the GPU run's):
 #   BUDGET_S=575       seconds, from start to the end of copying (the device call's timeout_s
@@ -34,8 +35,9 @@
 #   CALIBRATE=0        1: calibrate instead (80 iterations and an evaluation, ~130 s) and plan
 #                      the schedule from what it measures: for other hardware
 #   BENCH=1            0: no benchmark
-#   TRAIN=1            0: benchmarks only (more of them, see bench below; ~4 min), for a second
-#                      call: run(command="TRAIN=0 bash scripts/device_run_mccnn.sh", ...)
+#   TRAIN=1            0: benchmarks only (more of them, see bench below; ~4-10 min; BENCH is
+#                      ignored), for a second call:
+#                      run(command="TRAIN=0 bash scripts/device_run_mccnn.sh", ...)
 #   NUM_WORKERS=12     data-loader workers (16 cores: 12 mappers, the rest for the main process)
 #   EXTRA_OPTS="..."   more KEY VALUE config overrides, appended last (after the planned ones)
 #   PYTHON=python3     the interpreter (the machine's own holds torch)
@@ -142,7 +144,8 @@ bench() {
         name=${spec%:*} size=${spec#*:}
         for mode in plain reduce-overhead; do
             log "benchmark: $name.yaml's cascade over its Ec at $size px, refiner $mode"
-            timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda \
+            # compiling two cascades (1 and 10 detections) may take a minute on its own
+            timeout -s INT -k 10 "${BENCH_COMPILE_S:-150}" "$PY" tools/benchmark.py --device cuda \
                 --only cascade --no-train --size "$size" --detections 1 10 --warmup 3 --repeats 20 \
                 --cascade-config-file "configs/$name.yaml" \
                 $([ "$mode" = plain ] || echo --compile-refiner "$mode") \

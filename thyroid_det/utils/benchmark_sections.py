@@ -74,8 +74,8 @@ def prepare(model, args):
 
 
 def compile_refiner(model, args):
-    """``--compile-refiner MODE``: the cascade's refiner network under ``torch.compile``, one
-    static shape per model (each cascade row refines a fixed number of crops)."""
+    """``--compile-refiner MODE``: the cascade's refiner network under ``torch.compile`` with
+    static shapes: one graph per crop count it meets (the warm-up calls compile them)."""
     if args.compile_refiner:
         heads = model.roi_heads
         heads.refiner = torch.compile(heads.refiner, mode=args.compile_refiner, dynamic=False)
