@@ -16,7 +16,10 @@ from torch import nn
 __all__ = [
     "FusedConv2d",
     "channels_last_on_cpu",
+    "conv_norm_sources",
     "derived_tensors",
+    "folded_conv_norm",
+    "folds_into_conv",
     "inference_linear",
     "runs_fused",
     "unfused",
@@ -100,11 +103,48 @@ def inference_linear(linear: nn.Linear, x, weight=None, *key):
     return x.to_dense()
 
 
-def _folds_into_conv(norm: Optional[nn.Module]) -> bool:
-    """Whether ``norm`` is, at inference, a per-channel affine map with fixed statistics."""
-    if isinstance(norm, FrozenBatchNorm2d):
+def folds_into_conv(norm: Optional[nn.Module]) -> bool:
+    """Whether a convolution followed by ``norm`` is one affine map at inference: no norm, or a
+    batch norm with fixed statistics."""
+    if norm is None or isinstance(norm, FrozenBatchNorm2d):
         return True
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_var is not None
+
+
+def conv_norm_sources(conv: nn.Conv2d, norm: Optional[nn.Module]):
+    """The parameters and statistics :func:`fold_norm_into_conv` derives from."""
+    sources = [conv.weight] + ([] if conv.bias is None else [conv.bias])
+    if norm is not None:
+        sources += [norm.running_mean, norm.running_var]
+        sources += [t for t in (norm.weight, norm.bias) if t is not None]
+    return sources
+
+
+@torch.no_grad()
+def fold_norm_into_conv(conv: nn.Conv2d, norm: Optional[nn.Module]):
+    """(weight, bias) of ``conv`` followed by ``norm`` (see :func:`folds_into_conv`) as one
+    convolution; the weight channels-last on the CPU."""
+    weight, bias = conv.weight, conv.bias
+    if norm is not None:
+        scale = (norm.running_var + norm.eps).rsqrt()
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        bias = shift if bias is None else shift + bias * scale
+        weight = weight * scale.view(-1, 1, 1, 1)
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    return channels_last_on_cpu(weight), bias
+
+
+def folded_conv_norm(module: nn.Module, conv: nn.Conv2d, norm: Optional[nn.Module]):
+    """:func:`fold_norm_into_conv`'s (weight, bias), kept for ``module`` until a source changes."""
+    return derived_tensors(
+        module, "_inference_weights", conv_norm_sources(conv, norm),
+        lambda: fold_norm_into_conv(conv, norm),
+    )
 
 
 class FusedConv2d(Conv2d):
@@ -128,36 +168,15 @@ class FusedConv2d(Conv2d):
 
     def folds_norm(self) -> bool:
         """Whether conv and norm are one affine map at inference (batch norm or none)."""
-        return self.norm is None or _folds_into_conv(self.norm)
+        return folds_into_conv(self.norm)
 
     def weight_sources(self):
         """The parameters and statistics :meth:`inference_weights` derives from."""
-        sources = [self.weight] + ([] if self.bias is None else [self.bias])
-        if self.norm is not None:
-            norm = self.norm
-            sources += [norm.running_mean, norm.running_var]
-            sources += [t for t in (norm.weight, norm.bias) if t is not None]
-        return sources
+        return conv_norm_sources(self, self.norm)
 
     def inference_weights(self):
         """(weight, bias) of the convolution followed by its batch norm at inference."""
-        return derived_tensors(self, "_inference_weights", self.weight_sources(), self._fold_norm)
-
-    @torch.no_grad()
-    def _fold_norm(self):
-        weight, bias, norm = self.weight, self.bias, self.norm
-        if norm is not None:
-            scale = (norm.running_var + norm.eps).rsqrt()
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            shift = -norm.running_mean * scale
-            if norm.bias is not None:
-                shift = shift + norm.bias
-            bias = shift if bias is None else shift + bias * scale
-            weight = weight * scale.view(-1, 1, 1, 1)
-        if bias is None:
-            bias = weight.new_zeros(weight.shape[0])
-        return channels_last_on_cpu(weight), bias
+        return folded_conv_norm(self, self, self.norm)
 
 
 def channels_last_on_cpu(weight: torch.Tensor) -> torch.Tensor:

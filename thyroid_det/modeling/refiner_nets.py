@@ -4,8 +4,8 @@ Every network maps a batch of square grayscale crops (N, C, S, S) to logits over
 [benign, malignant] with ``forward`` and to its penultimate features with ``features`` (the fc7
 features the paper feeds to the classical classifiers in its classifier study).
 
-At inference (eval mode, no autograd) the AlexNet variants run fused, with the same outputs up to
-float rounding: batch norms folded into their convolutions, channels-last on the CPU
+At inference (eval mode, no autograd) the networks run fused, with the same outputs up to float
+rounding: batch norms folded into their convolutions, channels-last on the CPU
 (:mod:`.fused_inference`), the pyramid's 1x1 reductions as one convolution, the adaptive pool
 folded into fc6 for maps under 6x6, fc6/fc7 through oneDNN for several crops on the CPU.
 """
@@ -27,6 +27,8 @@ from .fused_inference import (
     FusedConv2d,
     channels_last_on_cpu,
     derived_tensors,
+    folded_conv_norm,
+    folds_into_conv,
     inference_linear,
     runs_fused,
 )
@@ -300,7 +302,12 @@ class AlexNetSPPool5(AlexNet):
 
 
 class _ConvNormReLU(nn.Module):
-    """torchvision GoogLeNet's conv block with a configurable norm (its own is fixed BN)."""
+    """torchvision GoogLeNet's conv block with a configurable norm (its own is fixed BN).
+
+    At inference it runs as one convolution with the batch norm folded in, channels-last on the
+    CPU, as :class:`~.fused_inference.FusedConv2d` does for the AlexNets; the Inception blocks'
+    concatenations keep the layout.
+    """
 
     def __init__(self, in_channels, out_channels, *, norm="BN", **kwargs):
         super().__init__()
@@ -311,6 +318,9 @@ class _ConvNormReLU(nn.Module):
             self.norm = norm_layer(norm, out_channels)
 
     def forward(self, x):
+        if runs_fused(self) and folds_into_conv(self.norm):
+            weight, bias = folded_conv_norm(self, self.conv, self.norm)
+            return F.relu(self.conv._conv_forward(x, weight, bias), inplace=True)
         x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
