@@ -8,10 +8,10 @@ Examples:
     # one set, split 8:2 by image (stratified by "holds a malignant nodule", as the paper)
     python tools/classifier_study.py ... --dataset tn5000_trainval --output out/
 
-Each ground-truth nodule is cropped exactly as the cascade's ROI heads crop a detection
-(thyroid_det.modeling.roi_heads.refiner.crop_and_resize: the test mapper's fixed-size resize,
-pixel normalisation, a square context crop of MODEL.REFINER.CONTEXT_MARGIN, resized to
-MODEL.REFINER.INPUT_SIZE), and passed once through the refiner for its fc7 features
+Each ground-truth nodule is cropped exactly as the cascade's ROI heads crop a detection at
+inference (``RefinerROIHeads.crops``: the test mapper's fixed-size resize, pixel normalisation, a
+square context crop of MODEL.REFINER.CONTEXT_MARGIN, resized to MODEL.REFINER.TEST_INPUT_SIZE or
+INPUT_SIZE, in the refiner's channels), and passed once through the refiner for its fc7 features
 (``refiner.features``) and its softmax. On the training features, each of nearest neighbour,
 k-NN, decision tree, random forest, AdaBoost, Bernoulli naive Bayes and gradient-boosted trees
 (scikit-learn's histogram GBDT) is tuned by GridSearchCV (ROC AUC, stratified --cv folds) and
@@ -52,7 +52,6 @@ from thyroid_det.data.mapper import SSDDatasetMapper
 from thyroid_det.engine import load_inference_weights, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import binary_metrics
 from thyroid_det.evaluation.plots import plot_roc_curves
-from thyroid_det.modeling.roi_heads.refiner import crop_and_resize
 from thyroid_det.utils.cli import cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_json
 
@@ -147,7 +146,7 @@ def extract_features(model, cfg, records, batch_size=8, desc="features"):
             continue
         images = model.preprocess_image(inputs)
         boxes = [x["instances"].gt_boxes.tensor.to(images.tensor.device) for x in inputs]
-        crops = crop_and_resize(images.tensor, boxes, heads.input_size, heads.context_margin)
+        crops = heads.crops(images.tensor, boxes)  # as the cascade crops at inference
         features.append(heads.refiner.features(crops).float().cpu())
         probs.append(F.softmax(heads.refiner(crops).float(), dim=1)[:, 1].cpu())
         labels.append(torch.cat([x["instances"].gt_classes for x in inputs]).cpu())

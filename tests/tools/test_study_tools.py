@@ -70,13 +70,21 @@ def study_argv(config_file, random_weights, output, extra=()):
 
 
 def test_classifier_study_reports_every_classifier(
-    tmp_path, phantom_root, tool, tiny_opts, random_weights
+    tmp_path, phantom_root, tool, tiny_opts, random_weights, monkeypatch
 ):
+    from thyroid_det.modeling.refiner_nets import AlexNet
+
     study = tool("classifier_study")
     config_file = config("mccnn_synthetic.yaml", "mccnn.yaml")
     out = tmp_path / "study"
     extra = ["--test-dataset", "synthetic_tiny", "--quick", "--cv", "2"]
-    report = study.main(study_argv(config_file, random_weights, out, extra) + tiny_opts)
+    crop_sides, features = set(), AlexNet.features
+    monkeypatch.setattr(
+        AlexNet, "features", lambda net, x: crop_sides.add(x.shape[-1]) or features(net, x)
+    )
+    opts = tiny_opts + ["MODEL.REFINER.TEST_INPUT_SIZE", "72"]
+    report = study.main(study_argv(config_file, random_weights, out, extra) + opts)
+    assert crop_sides == {72}  # the crops the cascade reads at inference, not training's 64
     names = set(report["results"])
     assert len(names) == 8 and "refiner softmax" in names and "gradient-boosted trees" in names
     for result in report["results"].values():
