@@ -1,6 +1,7 @@
 """Layers that run fused at inference (eval mode, no autograd, not traced or compiled;
 :func:`unfused` turns it off), with weights derived once from their parameters: a convolution
-with its batch norm folded in, channels-last on the CPU (:class:`FusedConv2d`), and fully
+with its batch norm folded in, channels-last on the CPU (:class:`FusedConv2d`, or
+:func:`folded_conv_norm` for blocks that keep their own conv and norm modules), and fully
 connected layers through oneDNN on the CPU (:func:`inference_linear`). Outputs equal the plain
 layers' up to float rounding; training, autograd and exported graphs use the plain layers. The
 refiners' inference is what they are for (see refiner_nets.py and README, Speed)."""
