@@ -320,7 +320,9 @@ class _ConvNormReLU(nn.Module):
     def forward(self, x):
         if runs_fused(self) and folds_into_conv(self.norm):
             weight, bias = folded_conv_norm(self, self.conv, self.norm)
-            return F.relu(self.conv._conv_forward(x, weight, bias), inplace=True)
+            c = self.conv
+            x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+            return F.relu(x, inplace=True)
         x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
