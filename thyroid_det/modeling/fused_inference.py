@@ -17,7 +17,6 @@ from torch import nn
 __all__ = [
     "FusedConv2d",
     "channels_last_on_cpu",
-    "conv_norm_sources",
     "derived_tensors",
     "folded_conv_norm",
     "folds_into_conv",
