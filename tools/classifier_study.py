@@ -12,7 +12,8 @@ Each ground-truth nodule is cropped exactly as the cascade's ROI heads crop a de
 inference (``RefinerROIHeads.crops``: the test mapper's fixed-size resize, pixel normalisation, a
 square context crop of MODEL.REFINER.CONTEXT_MARGIN, resized to MODEL.REFINER.TEST_INPUT_SIZE or
 INPUT_SIZE, in the refiner's channels), and passed once through the refiner for its fc7 features
-(``refiner.features``) and its softmax. On the training features, each of nearest neighbour,
+(``refiner.features``) and its softmax (from ``refiner.cls_score`` on those features when the
+refiner has one). On the training features, each of nearest neighbour,
 k-NN, decision tree, random forest, AdaBoost, Bernoulli naive Bayes and gradient-boosted trees
 (scikit-learn's histogram GBDT) is tuned by GridSearchCV (ROC AUC, stratified --cv folds) and
 refit; on the test features each is scored, with the refiner's softmax, by accuracy,
@@ -147,8 +148,12 @@ def extract_features(model, cfg, records, batch_size=8, desc="features"):
         images = model.preprocess_image(inputs)
         boxes = [x["instances"].gt_boxes.tensor.to(images.tensor.device) for x in inputs]
         crops = heads.crops(images.tensor, boxes)  # as the cascade crops at inference
-        features.append(heads.refiner.features(crops).float().cpu())
-        probs.append(F.softmax(heads.refiner(crops).float(), dim=1)[:, 1].cpu())
+        feats = heads.refiner.features(crops)
+        # the registry's optional head runs on the features, so the crops pass through once
+        head = getattr(heads.refiner, "cls_score", None)
+        logits = head(feats) if callable(head) else heads.refiner(crops)
+        features.append(feats.float().cpu())
+        probs.append(F.softmax(logits.float(), dim=1)[:, 1].cpu())
         labels.append(torch.cat([x["instances"].gt_classes for x in inputs]).cpu())
     if not features:
         return np.zeros((0, 0), np.float32), np.zeros(0), np.zeros(0, np.int64)

@@ -36,7 +36,10 @@ def test_logits_and_features_for_every_crop_size(name):
         with torch.no_grad():
             logits = net(crops)
             if size in (64, 224):
-                assert net.features(crops).shape == (1, net.feature_dim), (name, size)
+                features = net.features(crops)
+                assert features.shape == (1, net.feature_dim), (name, size)
+                # the optional head of the registry's contract: forward = cls_score(features)
+                torch.testing.assert_close(net.cls_score(features), logits)
         assert logits.shape == (1, 2), (name, size)
         assert torch.isfinite(logits).all()
     expected_dim = 1024 if name == "GoogLeNet" else 16

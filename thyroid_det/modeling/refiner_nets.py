@@ -51,7 +51,8 @@ Registry for the refiner (fine recognition) networks of MC-CNN's cascade.
 
 The registered object is called with `obj(cfg, num_classes=K)` and must return an nn.Module with
 `forward(crops) -> logits (N, K)`, `features(crops) -> (N, D)` and an int attribute
-`feature_dim` (= D).
+`feature_dim` (= D). Optionally `cls_score(features) -> logits`, with `forward(x) ==
+cls_score(features(x))`: tools that need both (tools/classifier_study.py) then run the network once.
 """
 
 ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
