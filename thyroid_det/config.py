@@ -97,6 +97,11 @@ def add_mccnn_config(cfg):
     # Classification loss: "softmax_mined" (SSD: softmax cross-entropy over positives and the
     # hardest negatives) or "sigmoid_focal" (RetinaNet: sigmoid focal loss over every anchor).
     _C.MODEL.SSD.CLS_LOSS_TYPE = "softmax_mined"
+    # Weight of each foreground class's positive anchors in the classification loss, in
+    # NUM_CLASSES order (benign, malignant); empty: all 1. Background and the mining are
+    # unweighted. tn5000_train has 2420 malignant and 1014 benign nodules: (2.4, 1.0) gives both
+    # classes the same total weight (README, "Learning from scratch", for what it did).
+    _C.MODEL.SSD.CLASS_WEIGHTS = []
     # Hard negative mining: negatives kept per positive (SSD: 3; Base-SSD.yaml says why it uses 20).
     _C.MODEL.SSD.NEG_POS_RATIO = 3
     # Focal loss parameters and the foreground prior of the class biases ("sigmoid_focal" only).

@@ -236,6 +236,47 @@ def test_sigmoid_focal_loss_over_every_anchor():
         build(cfg)
 
 
+@pytest.mark.parametrize("loss_type", ["softmax_mined", "sigmoid_focal"])
+def test_class_weights_scale_positives_only(loss_type):
+    """MODEL.SSD.CLASS_WEIGHTS multiplies each positive anchor's classification loss by its
+    class's weight; background anchors and the hard-negative ranks are unweighted."""
+    cfg = tiny_cfg()
+    cfg.MODEL.SSD.CLS_LOSS_TYPE = loss_type
+    plain = build(cfg)
+    cfg.MODEL.SSD.CLASS_WEIGHTS = [2.5, 1.0]
+    weighted = build(cfg)
+    k = 3 if loss_type == "softmax_mined" else 2
+    logits = torch.randn(1, 4, k, generator=torch.Generator().manual_seed(0))
+    deltas = torch.zeros(1, 4, 4)
+    benign = [instances((64, 64), [[0, 0, 10, 10]], [0])]
+    malignant = [instances((64, 64), [[0, 0, 10, 10]], [1])]
+    # per-anchor losses of the unweighted model: anchor 0 the positive, the rest background
+    if loss_type == "softmax_mined":
+        per_anchor = F.cross_entropy(logits[0], torch.tensor([0, 2, 2, 2]), reduction="none")
+    else:
+        from fvcore.nn import sigmoid_focal_loss
+
+        targets = torch.tensor([[1.0, 0.0], [0, 0], [0, 0], [0, 0]])
+        per_anchor = sigmoid_focal_loss(
+            logits[0], targets, alpha=0.25, gamma=2.0, reduction="none"
+        ).sum(1)
+    base = plain.ssd_losses(ANCHORS, [logits], [deltas], benign)["loss_cls"]
+    assert base.item() == pytest.approx(per_anchor.sum().item(), rel=1e-5)
+    loss = weighted.ssd_losses(ANCHORS, [logits], [deltas], benign)["loss_cls"]
+    expected = per_anchor.sum() + 1.5 * per_anchor[0]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # malignant's weight is 1: the same loss as without weights
+    for model in (plain, weighted):
+        assert model.ssd_losses(ANCHORS, [logits], [deltas], malignant)["loss_box_reg"] == 0
+    loss_m = weighted.ssd_losses(ANCHORS, [logits], [deltas], malignant)["loss_cls"]
+    base_m = plain.ssd_losses(ANCHORS, [logits], [deltas], malignant)["loss_cls"]
+    assert loss_m.item() == pytest.approx(base_m.item(), rel=1e-6)
+
+    with pytest.raises(ValueError, match="CLASS_WEIGHTS"):
+        cfg.MODEL.SSD.CLASS_WEIGHTS = [2.0]
+        build(cfg)
+
+
 def test_nan_input_raises_floating_point_error():
     """(A non-finite loss is left to detectron2's SimpleTrainer, which raises on it.)"""
     model = build(tiny_cfg()).train()

@@ -69,6 +69,7 @@ class MultiScaleSSD(DenseDetector):
         box_reg_loss_type: str = "smooth_l1",
         smooth_l1_beta: float = 1.0,
         box_reg_loss_weight: float = 1.0,
+        class_weights: Sequence[float] = (),
         test_score_thresh: float = 0.01,
         test_topk_candidates: int = 400,
         test_nms_thresh: float = 0.45,
@@ -102,6 +103,8 @@ class MultiScaleSSD(DenseDetector):
                 the decoded boxes (detectron2's ``_dense_box_regression_loss``).
             smooth_l1_beta: transition point of the smooth-L1 box loss.
             box_reg_loss_weight: weight of the box loss against the classification loss.
+            class_weights: per foreground class, the weight of its positive anchors in the
+                classification loss (empty: all 1; background always 1).
             test_score_thresh: minimum foreground probability of a kept detection.
             test_topk_candidates: candidates (over all levels) kept before NMS.
             test_nms_thresh: IoU above which NMS suppresses a box.
@@ -151,6 +154,12 @@ class MultiScaleSSD(DenseDetector):
         self.box_reg_loss_type = box_reg_loss_type
         self.smooth_l1_beta = smooth_l1_beta
         self.box_reg_loss_weight = box_reg_loss_weight
+        if class_weights and len(class_weights) != num_classes:
+            raise ValueError(
+                f"MODEL.SSD.CLASS_WEIGHTS {list(class_weights)}: expected one weight per "
+                f"foreground class ({num_classes}) or none"
+            )
+        self.class_weights = tuple(float(w) for w in class_weights)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
@@ -188,6 +197,7 @@ class MultiScaleSSD(DenseDetector):
             "box_reg_loss_type": cfg.MODEL.SSD.BBOX_REG_LOSS_TYPE,
             "smooth_l1_beta": cfg.MODEL.SSD.SMOOTH_L1_BETA,
             "box_reg_loss_weight": cfg.MODEL.SSD.BBOX_REG_LOSS_WEIGHT,
+            "class_weights": cfg.MODEL.SSD.CLASS_WEIGHTS,
             "test_score_thresh": cfg.MODEL.SSD.SCORE_THRESH_TEST,
             "test_topk_candidates": cfg.MODEL.SSD.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": cfg.MODEL.SSD.NMS_THRESH_TEST,
@@ -348,6 +358,7 @@ class MultiScaleSSD(DenseDetector):
             box_reg_loss_type=self.box_reg_loss_type,
             smooth_l1_beta=self.smooth_l1_beta,
             box_reg_loss_weight=self.box_reg_loss_weight,
+            class_weights=self.class_weights,
         )
 
     @torch.no_grad()

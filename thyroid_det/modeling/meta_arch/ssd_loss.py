@@ -1,7 +1,7 @@
 """SSD's multibox loss: anchors labelled by IoU, smooth-L1 (or an IoU-type loss) on positives, and
 cross-entropy on positives and hard negatives (or RetinaNet's sigmoid focal loss on every anchor
 not ignored)."""
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
@@ -101,6 +101,24 @@ def hard_negative_mask(
     return rank < num_neg[:, None]
 
 
+def _anchor_class_weights(
+    gt_labels: Tensor, positives: Tensor, class_weights: Sequence[float], num_classes: int
+) -> Optional[Tensor]:
+    """(N, R) weight of each anchor's classification loss: its class's weight on positives, 1
+    elsewhere; None when there are no class weights."""
+    if not class_weights:
+        return None
+    if len(class_weights) != num_classes:
+        raise ValueError(
+            f"MODEL.SSD.CLASS_WEIGHTS has {len(class_weights)} values, one per foreground class "
+            f"({num_classes}) expected"
+        )
+    weights = torch.as_tensor(class_weights, dtype=torch.float32, device=gt_labels.device)
+    per_anchor = torch.ones(gt_labels.shape, dtype=torch.float32, device=gt_labels.device)
+    per_anchor[positives] = weights[gt_labels[positives]]
+    return per_anchor
+
+
 def multibox_loss(
     anchors: Tensor,
     logits: Tensor,
@@ -117,6 +135,7 @@ def multibox_loss(
     smooth_l1_beta: float,
     box_reg_loss_type: str = "smooth_l1",
     box_reg_loss_weight: float = 1.0,
+    class_weights: Sequence[float] = (),
 ) -> Dict[str, Tensor]:
     """SSD's multibox loss of a batch.
 
@@ -133,9 +152,11 @@ def multibox_loss(
         divided by the batch's positives (at least 1). "softmax_mined": cross-entropy over
         positives and hard negatives, so an image without nodules has no positives, hence no
         negatives, and adds nothing; "sigmoid_focal": focal loss over every anchor that is not
-        ignored.
+        ignored. With ``class_weights``, each positive anchor's classification loss is
+        multiplied by its class's weight; background and the mining ranks are unweighted.
     """
     positives = (gt_labels >= 0) & (gt_labels < num_classes)
+    anchor_weights = _anchor_class_weights(gt_labels, positives, class_weights, num_classes)
     negatives = gt_labels == num_classes
     num_pos = positives.sum(dim=1)
     normalizer = num_pos.sum().clamp(min=1).to(logits.dtype)
@@ -159,13 +180,18 @@ def multibox_loss(
             targets,
             alpha=focal_loss_alpha,
             gamma=focal_loss_gamma,
-            reduction="sum",
+            reduction="none",
         )
+        if anchor_weights is not None:
+            loss_cls = loss_cls * anchor_weights[valid][:, None]
+        loss_cls = loss_cls.sum()
     else:
         ce = F.cross_entropy(
             logits.flatten(0, 1), gt_labels.clamp(min=0).flatten(), reduction="none"
         ).view_as(gt_labels)
         selected = positives | hard_negative_mask(ce.detach(), negatives, num_pos, neg_pos_ratio)
+        if anchor_weights is not None:
+            ce = ce * anchor_weights
         loss_cls = ce[selected].sum()
 
     return {
