@@ -99,8 +99,8 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.CLS_LOSS_TYPE = "softmax_mined"
     # Weight of each foreground class's positive anchors in the classification loss, in
     # NUM_CLASSES order (benign, malignant); empty: all 1. Background and the mining are
-    # unweighted. tn5000_train has 2420 malignant and 1014 benign nodules: (2.4, 1.0) gives both
-    # classes the same total weight (README, "Learning from scratch", for what it did).
+    # unweighted. tn5000_train has 2420 malignant and 1014 benign nodules: mccnn.yaml's (2.4,
+    # 1.0) gives both classes the same total weight (what it did: README, "Learning from scratch").
     _C.MODEL.SSD.CLASS_WEIGHTS = []
     # Hard negative mining: negatives kept per positive (SSD: 3; Base-SSD.yaml says why it uses 20).
     _C.MODEL.SSD.NEG_POS_RATIO = 3
