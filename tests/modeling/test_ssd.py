@@ -3,6 +3,7 @@ other backbones, and an overfit on phantoms where the boxes must land."""
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -272,9 +273,12 @@ def test_class_weights_scale_positives_only(loss_type):
     base_m = plain.ssd_losses(ANCHORS, [logits], [deltas], malignant)["loss_cls"]
     assert loss_m.item() == pytest.approx(base_m.item(), rel=1e-6)
 
-    with pytest.raises(ValueError, match="CLASS_WEIGHTS"):
-        cfg.MODEL.SSD.CLASS_WEIGHTS = [2.0]
-        build(cfg)
+    # a weight per class, each finite and positive: else a clear error when the model is built
+    for bad, problem in (([2.0], "one weight per foreground class"), ([0.0, 1.0], "> 0"),
+                         ([-1.0, 1.0], "> 0"), ([float("inf"), 1.0], "finite")):
+        cfg.MODEL.SSD.CLASS_WEIGHTS = bad
+        with pytest.raises(ValueError, match=f"CLASS_WEIGHTS.*{re.escape(problem)}"):
+            build(cfg)
 
 
 def test_nan_input_raises_floating_point_error():

@@ -23,7 +23,13 @@ from ..atss_matcher import ATSSMatcher
 from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
 from .ssd_head import SSDHead
 from .ssd_inference import ssd_inference_single_image
-from .ssd_loss import BOX_REG_LOSS_TYPES, build_anchor_matcher, label_anchors, multibox_loss
+from .ssd_loss import (
+    BOX_REG_LOSS_TYPES,
+    build_anchor_matcher,
+    check_class_weights,
+    label_anchors,
+    multibox_loss,
+)
 
 __all__ = ["MultiScaleSSD", "SSDHead"]
 
@@ -154,12 +160,7 @@ class MultiScaleSSD(DenseDetector):
         self.box_reg_loss_type = box_reg_loss_type
         self.smooth_l1_beta = smooth_l1_beta
         self.box_reg_loss_weight = box_reg_loss_weight
-        if class_weights and len(class_weights) != num_classes:
-            raise ValueError(
-                f"MODEL.SSD.CLASS_WEIGHTS {list(class_weights)}: expected one weight per "
-                f"foreground class ({num_classes}) or none"
-            )
-        self.class_weights = tuple(float(w) for w in class_weights)
+        self.class_weights = check_class_weights(class_weights, num_classes)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh

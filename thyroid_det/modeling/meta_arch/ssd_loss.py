@@ -1,6 +1,7 @@
 """SSD's multibox loss: anchors labelled by IoU, smooth-L1 (or an IoU-type loss) on positives, and
 cross-entropy on positives and hard negatives (or RetinaNet's sigmoid focal loss on every anchor
 not ignored)."""
+import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -101,18 +102,30 @@ def hard_negative_mask(
     return rank < num_neg[:, None]
 
 
+def check_class_weights(class_weights: Sequence[float], num_classes: int) -> Tuple[float, ...]:
+    """MODEL.SSD.CLASS_WEIGHTS as floats: none, or one finite positive weight per foreground
+    class (a zero or negative weight would silence or invert a class's loss)."""
+    weights = tuple(float(w) for w in class_weights)
+    if weights and len(weights) != num_classes:
+        raise ValueError(
+            f"MODEL.SSD.CLASS_WEIGHTS {list(weights)}: expected one weight per foreground class "
+            f"({num_classes}) or none"
+        )
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(
+            f"MODEL.SSD.CLASS_WEIGHTS {list(weights)}: every weight must be finite and > 0"
+        )
+    return weights
+
+
 def _anchor_class_weights(
     gt_labels: Tensor, positives: Tensor, class_weights: Sequence[float], num_classes: int
 ) -> Optional[Tensor]:
     """(N, R) weight of each anchor's classification loss: its class's weight on positives, 1
     elsewhere; None when there are no class weights."""
+    class_weights = check_class_weights(class_weights, num_classes)
     if not class_weights:
         return None
-    if len(class_weights) != num_classes:
-        raise ValueError(
-            f"MODEL.SSD.CLASS_WEIGHTS has {len(class_weights)} values, one per foreground class "
-            f"({num_classes}) expected"
-        )
     weights = torch.as_tensor(class_weights, dtype=torch.float32, device=gt_labels.device)
     per_anchor = torch.ones(gt_labels.shape, dtype=torch.float32, device=gt_labels.device)
     per_anchor[positives] = weights[gt_labels[positives]]
