@@ -171,7 +171,9 @@ def add_mccnn_config(cfg):
     # Training
     # ---------------------------------------------------------------------------------------
     # Exponential moving average of the weights; the average is what evaluation and
-    # model_final.pth hold. DECAY: weight of the old average per step (window ~1 / (1 - DECAY)).
+    # model_final.pth hold. A periodic checkpoint keeps the step's own weights as its model (to
+    # resume) and the average beside them, which inference (evaluate.py, predict.py,
+    # --eval-only) loads. DECAY: weight of the old average per step (window ~1 / (1 - DECAY)).
     _C.SOLVER.EMA = CN()
     _C.SOLVER.EMA.ENABLED = False
     _C.SOLVER.EMA.DECAY = 0.999

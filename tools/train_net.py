@@ -19,9 +19,9 @@ def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        Checkpointer(model, cfg.OUTPUT_DIR, require_all_weights=True).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        Checkpointer(
+            model, cfg.OUTPUT_DIR, require_all_weights=True, weight_average=True
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             from detectron2.evaluation import verify_results

@@ -1,5 +1,6 @@
 """Checkpoints: inference refuses weights that leave the model uninitialised or a file that is
-not a checkpoint; saves are atomic; resume falls back past an unreadable checkpoint."""
+not a checkpoint, and takes a periodic checkpoint's weight average; saves are atomic; resume
+falls back past an unreadable checkpoint."""
 import os
 import pickle
 
@@ -100,3 +101,38 @@ def test_the_trainer_saves_through_it(tmp_path, phantom_root, tiny_opts):
     assert type(trainer.checkpointer) is Checkpointer
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
     assert periodic and periodic[0].checkpointer is trainer.checkpointer
+
+
+def test_inference_takes_the_weight_average_of_a_periodic_checkpoint(tmp_path, phantom_root, tiny_opts):
+    """With SOLVER.EMA a periodic checkpoint's model is the step's own weights and its trainer
+    state the average, which the evaluation at that iteration scored: inference loads the
+    average, a training load (MODEL.WEIGHTS, resume) the step's own weights."""
+    from thyroid_det.engine import Trainer
+
+    cfg = make_cfg("mssd_vgg16_synthetic.yaml")
+    data = ["DATASETS.TRAIN", "('synthetic_tiny',)", "DATASETS.TEST", "()"]
+    schedule = [
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "()",
+        "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SOLVER.EMA.ENABLED", "True", "SOLVER.EMA.DECAY", "0.9",
+    ]
+    cfg.merge_from_list(tiny_opts + data + schedule + ["OUTPUT_DIR", str(tmp_path)])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+    path = str(tmp_path / "model_0000001.pth")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    own, average = saved["model"], saved["trainer"]["hooks"]["ModelEMAHook"]["averages"]
+    floats = [k for k, v in own.items() if v.is_floating_point()]
+    assert any(not torch.equal(own[k], average[k]) for k in floats)
+
+    inference = load_inference_weights(Trainer.build_model(cfg), path).state_dict()
+    assert all(torch.equal(inference[k], average[k]) for k in floats)
+    training = Trainer.build_model(cfg)
+    Checkpointer(training).load(path, checkpointables=[])
+    assert all(torch.equal(training.state_dict()[k], own[k]) for k in floats)
+    # the final checkpoint holds the average as its model: the same either way
+    final = load_inference_weights(Trainer.build_model(cfg), str(tmp_path / "model_final.pth"))
+    last = torch.load(str(tmp_path / "model_final.pth"), map_location="cpu", weights_only=True)
+    assert all(torch.equal(final.state_dict()[k], last["model"][k]) for k in floats)

@@ -11,6 +11,9 @@
   (:mod:`thyroid_det.modeling.backbone.vgg_imagenet`), and a log line says what stayed random.
 * :func:`load_inference_weights` refuses a checkpoint that leaves model weights uninitialised:
   a model with random weights would still draw confident boxes.
+* For inference (``weight_average=True``) a periodic checkpoint of a run with ``SOLVER.EMA``
+  gives the weight average saved with it, not the step's own weights: the average is what the
+  run's evaluation at that iteration scored (``model_final.pth`` holds it as its model anyway).
 """
 import glob
 import logging
@@ -21,6 +24,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..modeling.backbone.vgg_imagenet import imagenet_vgg16_model_weights, is_imagenet_vgg16
 from ..utils.file_io import atomic_path, atomic_write_text
+from .ema import ModelEMAHook
 
 __all__ = ["CheckpointError", "Checkpointer", "load_inference_weights"]
 
@@ -39,15 +43,21 @@ class Checkpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with atomic saves, one-line load errors and a resume that
     falls back past unreadable checkpoints."""
 
-    def __init__(self, model, save_dir="", *, require_all_weights=False, **kwargs):
+    def __init__(
+        self, model, save_dir="", *, require_all_weights=False, weight_average=False, **kwargs
+    ):
         """
         Args:
             require_all_weights (bool): raise instead of warning when the loaded checkpoint
                 leaves model weights uninitialised (for inference).
+            weight_average (bool): load the weight average (``SOLVER.EMA``) that a training
+                checkpoint carries in place of its model's own weights (for inference; never
+                for a resume, which needs both).
             model, save_dir, kwargs: as for :class:`DetectionCheckpointer`.
         """
         super().__init__(model, save_dir, **kwargs)
         self.require_all_weights = require_all_weights
+        self.weight_average = weight_average
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -94,6 +104,13 @@ class Checkpointer(DetectionCheckpointer):
                 raise CheckpointError(f"{filename}: {e}") from None
             logger.info(summary)
             loaded = {"model": weights, "__author__": "torchvision (ImageNet VGG-16, converted)"}
+        average = _weight_average(loaded) if self.weight_average else None
+        if average is not None:
+            logger.info(
+                f"{filename}: loading the weight average (SOLVER.EMA) saved with it, the model "
+                "that the run's evaluation at that iteration scored"
+            )
+            loaded = dict(loaded, model=average)
         return loaded
 
     def _load_model(self, checkpoint):
@@ -137,6 +154,12 @@ def _newest_first(tagged, save_dir):
     return first + [p for p in others if not first or not os.path.samefile(p, tagged)]
 
 
+def _weight_average(checkpoint):
+    """The EMA average a training checkpoint holds in its trainer state, or None."""
+    hooks = (checkpoint.get("trainer") or {}).get("hooks") or {}
+    return (hooks.get(ModelEMAHook.__qualname__) or {}).get("averages")
+
+
 def _reason(error):
     """The first line of a load error, without torch's advice to unpickle unsafely."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -150,12 +173,15 @@ def _reason(error):
 def load_inference_weights(model, path):
     """
     Load ``path`` into ``model`` for inference and refuse a checkpoint that does not set every
-    weight of the model (an empty or unrelated file, a backbone-only initialisation).
+    weight of the model (an empty or unrelated file, a backbone-only initialisation). A
+    periodic checkpoint of a run with ``SOLVER.EMA`` gives its weight average.
 
     Raises:
         CheckpointError: naming the file and, briefly, the weights it lacks.
     """
     if not path:
         raise CheckpointError("no weights given (MODEL.WEIGHTS is empty)")
-    Checkpointer(model, require_all_weights=True).load(path, checkpointables=[])
+    Checkpointer(model, require_all_weights=True, weight_average=True).load(
+        path, checkpointables=[]
+    )
     return model
