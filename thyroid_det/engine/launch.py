@@ -4,7 +4,9 @@ detectron2 0.6's worker asserts CUDA and uses NCCL; current detectron2 falls bac
 machine without GPUs. This does the same on either version, so that the multi-process path
 (DDP, the cascade's re-wrap, the evaluators' gather) runs, and is tested, on a CPU.
 """
+import faulthandler
 import functools
+import gc
 
 import torch
 import torch.distributed as dist
@@ -40,19 +42,32 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
+    # A native abort in a worker then prints each thread's Python stack, not just a signal name.
+    faulthandler.enable()
     rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank)
     for i in range(world_size // num_per_machine):  # as detectron2's local process group
-        group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+        ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
         if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+            comm._LOCAL_PROCESS_GROUP = dist.new_group(ranks)
+        else:
+            dist.new_group(ranks)
     # DefaultTrainer wraps the model with device_ids=[local rank], which DDP refuses for a CPU
     # module; a CPU module takes device_ids=None.
     d2_defaults.create_ddp_model = functools.partial(d2_defaults.create_ddp_model, device_ids=None)
     comm.synchronize()
     try:
         main_func(*args)
+        # Shut gloo down on every process together: a process that tore its groups down while
+        # another still worked (the main one evaluating) could abort with SIGABRT after a
+        # successful run.
+        comm.synchronize()
     finally:
         # Without this, gloo's threads can outlive the interpreter's teardown and abort the
         # process ("terminate called without an active exception") after a successful run.
         dist.destroy_process_group()
+        # The groups that detectron2's comm still holds would otherwise be freed during that
+        # teardown too; free them now, while the interpreter is whole.
+        comm._LOCAL_PROCESS_GROUP = None
+        comm._get_global_gloo_group.cache_clear()
+        gc.collect()
