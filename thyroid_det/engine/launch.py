@@ -58,9 +58,9 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     comm.synchronize()
     try:
         main_func(*args)
-        # Shut gloo down on every process together: a process that tore its groups down while
-        # another still worked (the main one evaluating) could abort with SIGABRT after a
-        # successful run.
+        # Shut gloo down on every process together, not while another still works (the main
+        # one evaluating): the likeliest cause of a SIGABRT that CI saw once after a successful
+        # two-process evaluation.
         comm.synchronize()
     finally:
         # Without this, gloo's threads can outlive the interpreter's teardown and abort the
