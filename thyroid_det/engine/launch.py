@@ -46,12 +46,13 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     faulthandler.enable()
     rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank)
-    for i in range(world_size // num_per_machine):  # as detectron2's local process group
-        ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = dist.new_group(ranks)
-        else:
-            dist.new_group(ranks)
+    # As detectron2's local process group: every process creates every machine's group.
+    groups = [
+        dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+        for i in range(world_size // num_per_machine)
+    ]
+    comm._LOCAL_PROCESS_GROUP = groups[machine_rank]
+    del groups  # comm holds the one it needs; it drops it after the run
     # DefaultTrainer wraps the model with device_ids=[local rank], which DDP refuses for a CPU
     # module; a CPU module takes device_ids=None.
     d2_defaults.create_ddp_model = functools.partial(d2_defaults.create_ddp_model, device_ids=None)
