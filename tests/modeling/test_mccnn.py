@@ -260,3 +260,16 @@ def test_shipped_recipes_cosine_decay_then_restart_for_the_refiner(name):
     assert _lr_after(cfg, detector) < base * 0.01  # the refiner's warm-up starts low
     assert _lr_after(cfg, detector + (total - detector) // 2) == pytest.approx(base / 2, rel=0.1)
     assert _lr_after(cfg, total) < base * 1e-3
+
+
+@pytest.mark.parametrize(
+    "name", ["mccnn.yaml", "mccnn_long.yaml", "mccnn_cpu.yaml", "mccnn_imagenet.yaml"]
+)
+def test_shipped_recipes_evaluate_ec_last_state_and_keep_few_checkpoints(name):
+    """Evaluation lands on Ec's last iteration (its stage's result is measured before the
+    refiner trains), and a run keeps a bounded number of checkpoints: detectron2's periodic
+    checkpointer keeps every one."""
+    cfg = make_cfg(name)
+    assert cfg.MODEL.MCCNN.DETECTOR_ITERS % cfg.TEST.EVAL_PERIOD == 0
+    assert cfg.SOLVER.MAX_ITER // cfg.SOLVER.CHECKPOINT_PERIOD <= 20
+    assert cfg.SOLVER.MAX_ITER // cfg.TEST.EVAL_PERIOD <= 20
