@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo bench device-payload clean-venv
+.PHONY: install test demo bench device-payload clean-venv FORCE
 
 install: $(VENV)/.stamp-thyroid_det
 
@@ -12,11 +12,16 @@ $(PYTHON):
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --upgrade pip
 
-$(VENV)/.stamp-torch: | $(PYTHON)
+# Variables are inputs too: each is recorded in a file rewritten only when its value changes, so
+# a new torch pin, or `DETECTRON2_SOURCE=DIR make install` after a first install, reruns its step.
+$(VENV)/.var-%: FORCE | $(PYTHON)
+	@echo '$($*)' | cmp -s - $@ || echo '$($*)' > $@
+
+$(VENV)/.stamp-torch: $(VENV)/.var-TORCH | $(PYTHON)
 	$(PYTHON) -m pip install $(TORCH)
 	touch $@
 
-$(VENV)/.stamp-detectron2: scripts/install_detectron2.py $(VENV)/.stamp-torch
+$(VENV)/.stamp-detectron2: scripts/install_detectron2.py $(VENV)/.stamp-torch $(VENV)/.var-DETECTRON2_SOURCE
 	$(PYTHON) scripts/install_detectron2.py
 	touch $@
 
