@@ -8,13 +8,10 @@ import contextlib
 
 import torch
 from detectron2.engine import HookBase
-from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from .hooks import unwrap_model
 
 __all__ = ["ModelEMAHook"]
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
 
 
 class ModelEMAHook(HookBase):
@@ -35,7 +32,7 @@ class ModelEMAHook(HookBase):
         self._updates = 0
 
     def _tensors(self):
-        return _unwrap(self.trainer.model).state_dict()
+        return unwrap_model(self.trainer.model).state_dict()
 
     def before_train(self):
         if self._averages is None:  # not restored by load_state_dict on --resume
@@ -57,7 +54,7 @@ class ModelEMAHook(HookBase):
             average.copy_(value)
         if self.trainer.iter + 1 == self.trainer.max_iter:
             # from here on (final checkpoint, final evaluation) the model is the average
-            _unwrap(self.trainer.model).load_state_dict(self._averages)
+            unwrap_model(self.trainer.model).load_state_dict(self._averages)
 
     @torch.no_grad()
     def restart(self):
@@ -68,14 +65,14 @@ class ModelEMAHook(HookBase):
         """
         if self._averages is None:
             return
-        _unwrap(self.trainer.model).load_state_dict(self._averages)
+        unwrap_model(self.trainer.model).load_state_dict(self._averages)
         self._averages = {k: v.detach().clone() for k, v in self._tensors().items()}
         self._updates = 0
 
     @contextlib.contextmanager
     def applied(self, model):
         """Within the block ``model`` holds the averaged weights; its own come back after."""
-        model = _unwrap(model)
+        model = unwrap_model(model)
         if self._averages is None:
             yield
             return

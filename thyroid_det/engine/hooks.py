@@ -1,6 +1,6 @@
-"""The MC-CNN cascade's training schedule: the stage hook and the two-stage learning rate."""
+"""The MC-CNN cascade's training schedule (the stage hook and the two-stage learning rate), and
+the model that hooks work on, unwrapped from its parallel wrapper."""
 import logging
-import time
 
 from detectron2.engine import HookBase
 from detectron2.solver import LRMultiplier, WarmupParamScheduler, build_lr_scheduler
@@ -11,15 +11,14 @@ from fvcore.common.param_scheduler import (
 )
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-__all__ = ["CascadeStageHook", "TrainingProgressHook", "build_cascade_lr_scheduler"]
+__all__ = ["CascadeStageHook", "build_cascade_lr_scheduler", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
 
-def _trained_model(trainer):
-    """The model a trainer trains (``trainer.model``: DefaultTrainer forwards it from its inner
-    SimpleTrainer), unwrapped from (Distributed)DataParallel."""
-    model = trainer.model
+def unwrap_model(model):
+    """The model a hook or trainer works on: ``model`` without its (Distributed)DataParallel
+    wrapper, whose ``module`` holds the stages, the weights and the state dict's own keys."""
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     return model
@@ -42,57 +41,13 @@ class CascadeStageHook(HookBase):
         self._ema = ema
 
     def before_step(self):
-        model = _trained_model(self.trainer)
+        model = unwrap_model(self.trainer.model)
         stage = model.stage_for_iteration(self.trainer.iter)
         if stage != model.stage:
             logger.info(f"Iteration {self.trainer.iter}: MC-CNN enters stage {stage!r}")
             model.set_stage(stage)
             if self._ema is not None and self.trainer.iter == model.detector_iters:
                 self._ema.restart()  # not on a resume that lands inside the refiner stage
-
-
-class TrainingProgressHook(HookBase):
-    """Records, every step, how much training the model has had: ``progress/images_seen`` and
-    ``progress/train_minutes`` (time inside training steps, data loading included, evaluation and
-    checkpointing excluded).
-
-    Both land in ``metrics.json`` beside each evaluation's metrics, so that learning curves of
-    runs with different batch sizes or speeds compare by images seen or by minutes
-    (``tools/plot_curves.py``). Register it first, so that its step time excludes the other hooks'
-    ``after_step`` work.
-    """
-
-    def __init__(self, ims_per_batch):
-        self._ims_per_batch = ims_per_batch
-        self._train_seconds = 0.0
-        self._step_start = None
-
-    def before_step(self):
-        self._step_start = time.perf_counter()
-
-    def after_step(self):
-        self._train_seconds += time.perf_counter() - self._step_start
-        self._put(self.trainer.iter + 1)
-
-    def after_train(self):
-        # The final evaluation runs in EvalHook.after_train, logged one iteration later.
-        self._put(self.trainer.iter)
-
-    def _put(self, steps_done):
-        self.trainer.storage.put_scalars(
-            **{
-                "progress/images_seen": steps_done * self._ims_per_batch,
-                "progress/train_minutes": self._train_seconds / 60,
-            },
-            smoothing_hint=False,
-        )
-
-    def state_dict(self):
-        # Resumed runs continue the clock instead of restarting it.
-        return {"train_seconds": self._train_seconds}
-
-    def load_state_dict(self, state):
-        self._train_seconds = float(state.get("train_seconds", 0.0))
 
 
 def _stage_multiplier(cfg, length, steps):

@@ -12,12 +12,8 @@ from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators
 from .checkpoint import Checkpointer
 from .ema import ModelEMAHook
-from .hooks import (
-    CascadeStageHook,
-    TrainingProgressHook,
-    _trained_model,
-    build_cascade_lr_scheduler,
-)
+from .hooks import CascadeStageHook, build_cascade_lr_scheduler, unwrap_model
+from .progress import TrainingProgressHook
 
 
 class Trainer(DefaultTrainer):
@@ -65,7 +61,7 @@ class Trainer(DefaultTrainer):
     def test_during_training(self, ema=None):
         """The periodic evaluation: of the weight average when there is one, and of Ec alone
         while the sequential cascade has not started training its refiner."""
-        model = _trained_model(self)
+        model = unwrap_model(self.model)
         refine = getattr(model, "refine", None)
         with ema.applied(self.model) if ema is not None else contextlib.nullcontext():
             if refine is not None:
