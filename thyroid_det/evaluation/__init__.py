@@ -2,7 +2,8 @@
 
 metrics.py (metric functions), matching.py (detections to nodules, the per-nodule table),
 nodule_evaluator.py (the DatasetEvaluator), report.py (its files), calibration.py and
-operating_points.py (probability quality and thresholds), timing.py (model-call timing),
+operating_points.py (probability quality and thresholds), plots.py (ROC, FROC and reliability
+figures), image_level.py (sets labelled per image, without boxes), timing.py (model-call timing),
 build.py (the evaluators training and the tools run, their flat metrics.json keys and the summary
 table the tools print)."""
 
