@@ -10,9 +10,10 @@ The folds are thyroid_det's stratified k-fold split (thyroid_det.data.datasets.k
 each image is one unit, strata by "holds a malignant nodule", fixed by --seed), registered as
 ``<dataset>_fold<i>_train`` / ``_val``. Fold i trains thyroid_det's Trainer from the config
 on the other folds' images and evaluates on its own (COCO AP + nodule metrics), in
-``OUTPUT_DIR/fold_<i>`` (its checkpoints, ``inference/`` and ``metrics.json``). With
-``--resume`` a fold whose ``metrics.json`` exists is not rerun and an unfinished one resumes
-from its last checkpoint.
+``OUTPUT_DIR/fold_<i>``: its checkpoints, ``inference/``, training's ``metrics.json`` (the
+learning curves, tools/plot_curves.py) and, once the fold is done, ``fold_metrics.json`` (its
+flat evaluation metrics). With ``--resume`` a fold whose ``fold_metrics.json`` exists is not
+rerun and an unfinished one resumes from its last checkpoint.
 
 Writes ``OUTPUT_DIR/cv_metrics.json``: ``per_fold`` (each fold's flat metrics, keys as in
 tools/evaluate.py's metrics.json), and per metric ``mean``, ``std`` (sample standard deviation,
@@ -32,8 +33,13 @@ import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_kfold_datasets
 from thyroid_det.engine import Trainer, launch, setup_cfg
 from thyroid_det.evaluation import FOLD_SUMMARY_KEYS, flat_metrics
-from thyroid_det.utils.cli import cli_errors, config_tool_parser
+from thyroid_det.utils.cli import check_dataset, cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_json
+
+# A fold's evaluation, written when the fold is done: its "done" mark for --resume. Not
+# metrics.json, which detectron2's JSONWriter appends training's lines to in the same folder.
+FOLD_METRICS = "fold_metrics.json"
+
 
 def build_parser():
     parser = config_tool_parser(__doc__)
@@ -107,12 +113,13 @@ def main(args):
         raise SystemExit(
             "cross_validate.py: error: pass --dataset (the config trains on several sets)"
         )
+    check_dataset(dataset)
     pairs = register_kfold_datasets(dataset, k=args.folds, seed=args.seed)
 
     per_fold = []
     for i, (train_name, val_name) in enumerate(pairs):
         fold_dir = os.path.join(cfg.OUTPUT_DIR, f"fold_{i}")
-        metrics_path = os.path.join(fold_dir, "metrics.json")
+        metrics_path = os.path.join(fold_dir, FOLD_METRICS)
         if args.resume and os.path.isfile(metrics_path):
             with open(metrics_path) as f:
                 per_fold.append(json.load(f))

@@ -52,7 +52,7 @@ import logging
 import math
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from tabulate import tabulate
@@ -71,7 +71,7 @@ from thyroid_det.modeling.temperature import (
     attach_malignancy_temperature,
     resolve_malignancy_temperature,
 )
-from thyroid_det.utils.cli import cli_errors, config_tool_parser
+from thyroid_det.utils.cli import check_dataset, cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("thyroid_det.evaluate")
@@ -128,27 +128,6 @@ def coco_dataset_opts(json_file, image_root):
     stem = os.path.splitext(os.path.basename(json_file))[0]
     name = f"evaluate_{stem}_{digest}"
     return name, ["DATASETS.COCO_REGISTER", repr([[name, json_file, image_root]])]
-
-
-def check_dataset(name):
-    """Load the dataset once, stopping with the file and the problem when it cannot be used."""
-    if name not in DatasetCatalog.list():
-        fail(
-            f"dataset {name!r} is not registered "
-            f"(registered: {', '.join(sorted(DatasetCatalog.list()))})"
-        )
-    try:
-        records = DatasetCatalog.get(name)
-    except Exception as e:  # a malformed file: name it and the cause, not a deep traceback
-        source = MetadataCatalog.get(name).get("coco_json", name)
-        fail(f"cannot load dataset {source!r}: {type(e).__name__}: {e}")
-    if not records:
-        fail(f"dataset {name!r} has no images")
-    missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        fail(f"dataset {name!r} references a missing image: {missing[0]}{more}")
-    return records
 
 
 def fixed_threshold(args):

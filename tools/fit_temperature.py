@@ -14,10 +14,12 @@ log-likelihood of the found nodules' diagnoses under sigmoid(logit(p) / T), and 
   ``"malignancy_temperature"``, which tools/predict.py, tools/evaluate.py and
   thyroid_det.engine.Predictor apply (``MODEL.MALIGNANCY_TEMPERATURE`` > 0 overrides it);
 * ``OUTPUT/temperature.json``: T, and ECE / Brier / negative log-likelihood before and after on
-  the fitting set (after is in-sample: evaluate another set for an honest figure);
+  the fitting set (after is in-sample: evaluate another set for an honest figure), in
+  ``TEST.NODULE_EVAL.CALIBRATION_BINS`` bins as the evaluator counts them;
 * ``OUTPUT/reliability_temperature.png``: the reliability diagram before and after.
 
-Fitting on top of a checkpoint that already has a temperature multiplies the two.
+Fitting on top of a checkpoint that already has a temperature multiplies the two. The new
+checkpoint is never written over ``--weights``.
 """
 
 import os
@@ -29,6 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluate  # noqa: E402  (tools/evaluate.py)
 
+from thyroid_det.engine import load_cfg  # noqa: E402
+from thyroid_det.engine.checkpoint import read_checkpoint  # noqa: E402
 from thyroid_det.evaluation.calibration import (  # noqa: E402
     apply_temperature,
     calibration_metrics,
@@ -37,11 +41,12 @@ from thyroid_det.evaluation.calibration import (  # noqa: E402
 )
 from thyroid_det.evaluation.operating_points import labelled_probabilities  # noqa: E402
 from thyroid_det.evaluation.plots import plot_reliability_diagram  # noqa: E402
-from thyroid_det.modeling.temperature import (  # noqa: E402
-    TEMPERATURE_KEY,
-    read_checkpoint_temperature,
+from thyroid_det.modeling.temperature import TEMPERATURE_KEY  # noqa: E402
+from thyroid_det.utils.cli import (  # noqa: E402
+    check_output_file,
+    cli_errors,
+    config_tool_parser,
 )
-from thyroid_det.utils.cli import cli_errors, config_tool_parser  # noqa: E402
 from thyroid_det.utils.file_io import atomic_path, atomic_write_json  # noqa: E402
 
 
@@ -66,6 +71,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if not args.weights.endswith(".pth") or not os.path.isfile(args.weights):
         raise SystemExit(f"fit_temperature.py: error: {args.weights!r} is not a .pth checkpoint")
+    save = args.save_weights or os.path.join(args.output, "model_temperature.pth")
+    flag = "--save-weights" if args.save_weights else "the default --save-weights"
+    check_output_file(save, [args.weights], flag)
+    checkpoint = read_checkpoint(args.weights)
+    bins = load_cfg(args).TEST.NODULE_EVAL.CALIBRATION_BINS
     run = args.from_run
     if run is None:
         run = os.path.join(args.output, "before")
@@ -79,9 +89,8 @@ def main(argv=None):
         fitted = fit_temperature(y, p)
     except ValueError as e:
         raise SystemExit(f"fit_temperature.py: error: {source}: {e}") from None
-    previous = read_checkpoint_temperature(args.weights) or 1.0
+    previous = float(checkpoint.get(TEMPERATURE_KEY) or 1.0)
     calibrated = apply_temperature(p, fitted)
-    bins = 10
     summary = {
         "malignancy_temperature": previous * fitted,
         "fitted_on": source,
@@ -92,9 +101,7 @@ def main(argv=None):
         "after": dict(calibration_metrics(y, calibrated, bins), nll=nll(y, calibrated)),
         "note": "after is measured on the set the temperature was fitted on (in-sample)",
     }
-    checkpoint = torch.load(args.weights, map_location="cpu", weights_only=True)
     checkpoint[TEMPERATURE_KEY] = summary["malignancy_temperature"]
-    save = args.save_weights or os.path.join(args.output, "model_temperature.pth")
     with atomic_path(save) as tmp:
         torch.save(checkpoint, tmp)
     atomic_write_json(os.path.join(args.output, "temperature.json"), summary)

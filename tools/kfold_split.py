@@ -16,7 +16,6 @@ import hashlib
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
 from detectron2.utils.logger import setup_logger
 
 import thyroid_det  # noqa: F401  (registers tn5000_* and synthetic_*)
@@ -24,20 +23,23 @@ from thyroid_det.data.datasets import (
     CLASS_NAMES,
     kfold_assign,
     records_to_coco,
+    register_coco,
 )
-from thyroid_det.utils.cli import cli_errors
+from thyroid_det.utils.cli import check_dataset, cli_errors
 from thyroid_det.utils.file_io import atomic_write_json
 
 
 def _load(args):
+    """The records, class names and image root of --dataset or --coco-json, loaded as training
+    loads them (a COCO file through thyroid_det's checked loader, load_coco)."""
     if args.coco_json:
         key = hashlib.sha1(os.path.abspath(args.coco_json).encode()).hexdigest()[:8]
         name = f"kfold_input_{key}"
-        records = load_coco_json(args.coco_json, args.image_root, name)
+        if name not in DatasetCatalog.list():
+            register_coco(name, args.coco_json, args.image_root)
+        records = check_dataset(name, need_images=False)  # a split needs the annotations alone
         return records, MetadataCatalog.get(name).thing_classes, args.image_root
-    if args.dataset not in DatasetCatalog.list():
-        raise SystemExit(f"Unknown dataset {args.dataset!r}; registered: {DatasetCatalog.list()}")
-    records = DatasetCatalog.get(args.dataset)
+    records = check_dataset(args.dataset, need_images=False)
     classes = MetadataCatalog.get(args.dataset).get("thing_classes", list(CLASS_NAMES))
     root = args.image_root or os.path.commonpath(
         [os.path.dirname(os.path.abspath(r["file_name"])) for r in records]

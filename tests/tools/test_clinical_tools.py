@@ -71,6 +71,39 @@ def test_predict_dicom_sizes_frames_and_html_report(tmp_path, weights, tool, tin
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from anywhere
 
 
+def test_predict_output_names_never_collide(tmp_path, weights, tool, tiny_opts, make_dicom):
+    """A name numbered for one input, or given to a cine frame, is never given again: each
+    output keeps its own drawing and JSON. Extensionless DICOM files in a folder are inputs."""
+    gray, _ = nodule_image(np.random.default_rng(4))
+    for rel in ("x/a.png", "y/a.png", "a_1.png", "scan_f000.png", "A.png"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), gray)
+    make_dicom(tmp_path / "scan.dcm", np.stack([gray, gray]))
+    pacs = tmp_path / "pacs"
+    pacs.mkdir()
+    make_dicom(pacs / "IM000001", gray)
+    (pacs / "notes").write_text("not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text("x/a.png\ny/a.png\na_1.png\nscan.dcm\nscan_f000.png\nA.png\n")
+    out = tmp_path / "out"
+    argv = predict_argv(weights, tiny_opts, listing, out)
+    argv.insert(argv.index("--output"), str(pacs))
+    result = tool("predict").main(argv)
+    assert not result["skipped"]
+    expected = {
+        "a": ("x/a.png", None), "a_1": ("y/a.png", None), "a_1_1": ("a_1.png", None),
+        "scan_f000": ("scan.dcm", 0), "scan_f001": ("scan.dcm", 1),
+        "scan_f000_1": ("scan_f000.png", None), "A_2": ("A.png", None),
+        "IM000001": ("pacs/IM000001", None),
+    }  # fmt: skip
+    written = {f for f in os.listdir(out) if f.endswith((".json", ".png"))}
+    assert written == {f"{name}.{ext}" for name in expected for ext in ("json", "png")}
+    for name, (rel, frame) in expected.items():
+        record = json.loads((out / f"{name}.json").read_text())
+        assert os.path.relpath(record["file_name"], tmp_path) == rel, name
+        assert record.get("frame") == frame, name
+
+
 def test_evaluate_a_coco_set_of_dicom_files(tmp_path, weights, tool, tiny_opts, make_dicom):
     """DICOM in dataset registration: calibration gives size groups in millimetres; a COCO
     image entry's "frame" picks a cine frame."""
@@ -154,18 +187,24 @@ def test_image_level_csv(tmp_path, weights, tool, tiny_opts, make_dicom, capsys)
         evaluate.main(head + ["--image-labels", str(labels), "--output", str(out)] + tiny_opts)
 
 
-def test_fit_temperature_is_stored_and_applied(tmp_path, weights, tool, tiny_opts):
-    fit = tool("fit_temperature")
-    run = tmp_path / "val_run"
+def over_confident_run(run, rng):
+    """An evaluate.py run folder whose nodules.csv is over-confident by T = 3; (y, p) of it."""
     run.mkdir()
-    rng = np.random.default_rng(0)
     p_true = rng.uniform(0.05, 0.95, 300)
     y = rng.random(300) < p_true
-    sharp = 1 / (1 + np.exp(-3 * np.log(p_true / (1 - p_true))))  # over-confident by T = 3
+    sharp = 1 / (1 + np.exp(-3 * np.log(p_true / (1 - p_true))))
     with open(run / "nodules.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["gt_class", "malignant_prob"])
         writer.writerows(("malignant" if t else "benign", f"{q:.6f}") for t, q in zip(y, sharp))
+    return y.astype(int), np.round(sharp, 6)
+
+
+def test_fit_temperature_is_stored_and_applied(tmp_path, weights, tool, tiny_opts):
+    fit = tool("fit_temperature")
+    run = tmp_path / "val_run"
+    rng = np.random.default_rng(0)
+    over_confident_run(run, rng)
     out = tmp_path / "fit"
     config = evaluate_argv(weights, [], "x", "y")[1]
     summary = fit.main(
@@ -192,3 +231,51 @@ def test_fit_temperature_is_stored_and_applied(tmp_path, weights, tool, tiny_opt
         assert a["bbox"] == b["bbox"]
         logit = np.log(a["malignant_prob"] / (1 - a["malignant_prob"]))
         assert b["malignant_prob"] == pytest.approx(1 / (1 + np.exp(-logit / t)), abs=1e-4)
+
+
+def fit_temperature_argv(weights, run, output, *rest):
+    config = evaluate_argv(weights, [], "x", "y")[1]
+    return ["--config-file", config, "--weights", str(weights), "--from-run", str(run),
+            "--output", str(output), *rest]  # fmt: skip
+
+
+def test_fit_temperature_never_overwrites_its_weights(tmp_path, weights, tool):
+    """Re-fitting a fitted checkpoint into its own folder would replace the input in place."""
+    fit = tool("fit_temperature")
+    run = tmp_path / "val_run"
+    over_confident_run(run, np.random.default_rng(1))
+    out = tmp_path / "fit"
+    out.mkdir()
+    fitted = out / "model_temperature.pth"
+    fitted.write_bytes(open(weights, "rb").read())
+    before = fitted.read_bytes()
+    with pytest.raises(SystemExit, match=r"^fit_temperature.py: error: the default --save-weights "
+                       r".*model_temperature.pth is the input"):  # fmt: skip
+        fit.main(fit_temperature_argv(fitted, run, out))
+    with pytest.raises(SystemExit, match="^fit_temperature.py: error: --save-weights .* is the in"):
+        fit.main(fit_temperature_argv(fitted, run, tmp_path / "b", "--save-weights", str(fitted)))
+    assert fitted.read_bytes() == before
+
+
+def test_fit_temperature_names_a_corrupt_checkpoint(tmp_path, tool):
+    fit = tool("fit_temperature")
+    run = tmp_path / "val_run"
+    over_confident_run(run, np.random.default_rng(1))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"^fit_temperature.py: error: \S*bad.pth is not a read"):
+        fit.main(fit_temperature_argv(bad, run, tmp_path / "fit"))
+
+
+def test_fit_temperature_counts_bins_as_the_config_says(tmp_path, weights, tool):
+    """ECE in the evaluator's bins (TEST.NODULE_EVAL.CALIBRATION_BINS), not a fixed 10."""
+    from thyroid_det.evaluation.calibration import calibration_metrics
+
+    fit = tool("fit_temperature")
+    run = tmp_path / "val_run"
+    y, p = over_confident_run(run, np.random.default_rng(1))
+    # Three bins, as the middle one spans 0.5, where this model's error changes sign.
+    assert abs(calibration_metrics(y, p, 3)["ece"] - calibration_metrics(y, p, 10)["ece"]) > 1e-3
+    bins = ["TEST.NODULE_EVAL.CALIBRATION_BINS", "3"]
+    summary = fit.main(fit_temperature_argv(weights, run, tmp_path / "fit", *bins))
+    assert summary["before"]["ece"] == pytest.approx(calibration_metrics(y, p, 3)["ece"])

@@ -47,7 +47,8 @@ def test_cross_validate_trains_and_summarises_each_fold(tmp_path, phantom_root, 
     summary = cross_validate.cli(argv)
     for i in range(2):
         assert (out / f"fold_{i}" / "model_final.pth").exists()
-        assert "nodule.recall50" in json.loads((out / f"fold_{i}" / "metrics.json").read_text())
+        fold_metrics = json.loads((out / f"fold_{i}" / "fold_metrics.json").read_text())
+        assert "nodule.recall50" in fold_metrics
     report = json.loads((out / "cv_metrics.json").read_text())
     assert len(report["per_fold"]) == 2 and report["n"]["bbox.AP"] == 2
     folds = [f["nodule.num_nodules"] for f in report["per_fold"]]
@@ -59,6 +60,49 @@ def test_cross_validate_trains_and_summarises_each_fold(tmp_path, phantom_root, 
     cross_validate.cli(["--resume"] + argv)
     assert not (out / "fold_0" / "model_final.pth").exists()
     assert json.loads((out / "cv_metrics.json").read_text())["per_fold"] == report["per_fold"]
+
+
+def test_cross_validate_keeps_the_training_log_and_resumes_an_unfinished_fold(
+    tmp_path, phantom_root, tool, monkeypatch
+):
+    """A fold's result is its own file: training's metrics.json (detectron2's JSONWriter appends
+    to it in the same folder) stays the learning curve, and a fold killed while training, which
+    has that log but no result, is trained again by --resume."""
+    cross_validate = tool("cross_validate")
+    trained = []
+
+    def train_fold(cfg, resume):  # what run_fold leaves on disk, without the training
+        trained.append(os.path.basename(cfg.OUTPUT_DIR))
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), "a") as f:
+            f.write('{"iteration": 0, "total_loss": 2.0}\n{"iteration": 1, "total_loss": 1.5}\n')
+        return {"bbox.AP": 10.0 * len(trained), "nodule.recall50": 0.5}
+
+    monkeypatch.setattr(cross_validate, "run_fold", train_fold)
+    out = tmp_path / "cv"
+    argv = ["--config-file", config("mssd_vgg16_synthetic.yaml", "mssd_vgg16.yaml"),
+            "--dataset", "synthetic_tiny", "--folds", "2", "OUTPUT_DIR", str(out)]  # fmt: skip
+    cross_validate.cli(argv)
+    assert trained == ["fold_0", "fold_1"]
+    for i in range(2):
+        log = (out / f"fold_{i}" / "metrics.json").read_text().splitlines()
+        assert [json.loads(line)["iteration"] for line in log] == [0, 1]
+        result = json.loads((out / f"fold_{i}" / "fold_metrics.json").read_text())
+        assert result["bbox.AP"] == 10.0 * (i + 1)
+
+    (out / "fold_1" / "fold_metrics.json").unlink()  # fold 1 killed after its training log began
+    trained.clear()
+    summary = cross_validate.cli(["--resume"] + argv)
+    assert trained == ["fold_1"]
+    assert [f["bbox.AP"] for f in summary["per_fold"]] == [10.0, 10.0]
+
+
+def test_cross_validate_names_an_unregistered_dataset(tmp_path, tool, tiny_opts):
+    cross_validate = tool("cross_validate")
+    argv = ["--config-file", config("mssd_vgg16_synthetic.yaml", "mssd_vgg16.yaml"),
+            "--dataset", "no_such_set"] + tiny_opts + ["OUTPUT_DIR", str(tmp_path / "cv")]
+    with pytest.raises(SystemExit, match="^cross_validate.py: error: dataset 'no_such_set' is not"):
+        cross_validate.cli(argv)
 
 
 def study_argv(config_file, random_weights, output, extra=()):

@@ -18,6 +18,7 @@
 import glob
 import logging
 import os
+import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -26,7 +27,7 @@ from ..modeling.backbone.vgg_imagenet import imagenet_vgg16_model_weights, is_im
 from ..utils.file_io import atomic_path, atomic_write_text
 from .ema import ModelEMAHook
 
-__all__ = ["CheckpointError", "Checkpointer", "load_inference_weights"]
+__all__ = ["CheckpointError", "Checkpointer", "load_inference_weights", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,19 @@ def _reason(error):
     if "central directory" in text:
         return "truncated or corrupt zip archive"
     return f"{type(error).__name__}: {text[:200]}"
+
+
+def read_checkpoint(path):
+    """The checkpoint at ``path`` as saved, a dict (memory-mapped where torch can, for tools that
+    hold it while they evaluate); CheckpointError with a one-line reason when the file is not one."""
+    try:  # torch maps only its zip format: another file gets torch.load's own complaint
+        mmap = zipfile.is_zipfile(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch.load and pickle raise many types for a bad file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_reason(e)})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (a {type(checkpoint).__name__})")
+    return checkpoint
 
 
 def load_inference_weights(model, path):

@@ -1,5 +1,6 @@
 """What every command-line tool shares: the argument parser of a config-driven tool, the output
-folder check, and one error wrapper: errors that bad input causes become one line.
+folder and file checks, the check of a data set named on the command line, and one error
+wrapper: errors that bad input causes become one line.
 
 A wrong path, an unknown config key, a broken data set or checkpoint, an unreadable image: the
 message already names the file and the problem, and a traceback through detectron2 only hides it.
@@ -10,7 +11,20 @@ import argparse
 import functools
 import os
 
-__all__ = ["check_output_dir", "cli_errors", "config_tool_parser"]
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+__all__ = [
+    "UnknownDatasetError",
+    "check_dataset",
+    "check_output_dir",
+    "check_output_file",
+    "cli_errors",
+    "config_tool_parser",
+]
+
+
+class UnknownDatasetError(LookupError):
+    """A data set named on the command line that is not registered."""
 
 
 def _user_errors():
@@ -19,7 +33,7 @@ def _user_errors():
     from ..engine.checkpoint import CheckpointError
     from ..engine.defaults import ConfigError
 
-    return (ConfigError, DatasetFormatError, CheckpointError, OSError)
+    return (ConfigError, DatasetFormatError, UnknownDatasetError, CheckpointError, OSError)
 
 
 def one_line(error):
@@ -97,3 +111,72 @@ def check_output_dir(output, inputs=(), flag="--output"):
         raise OSError(f"{flag} {output} cannot be created ({e.strerror or e})") from None
     if not os.access(output, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {output} is not writable")
+
+
+def check_output_file(output, inputs=(), flag="--output"):
+    """
+    Refuse an output file that is one of the tool's inputs: a second run would replace the
+    file the first one read (a checkpoint, a config) with its own result.
+
+    Args:
+        output (str): the file a tool writes.
+        inputs (list[str]): the files the tool reads; None entries are skipped.
+        flag (str): the option that named ``output``, for the messages.
+
+    Raises:
+        OSError: ``output`` is a folder or one of ``inputs``.
+    """
+    if os.path.isdir(output):
+        raise IsADirectoryError(f"{flag} {output} is a folder, not a file")
+    real = os.path.realpath(output)
+    for path in inputs:
+        if path and os.path.realpath(path) == real:
+            raise FileExistsError(
+                f"{flag} {output} is the input {path}: it would be overwritten; "
+                "choose another file"
+            )
+
+
+def check_dataset(name, need_images=True):
+    """
+    Load a registered data set once, as a tool that names it on the command line needs it.
+
+    Args:
+        name (str): a name in detectron2's DatasetCatalog.
+        need_images (bool): also require every record's image file (a tool that only reads the
+            boxes, such as the prior fitting, does not).
+
+    Returns:
+        list[dict]: the data set's records.
+
+    Raises:
+        UnknownDatasetError: ``name`` is not registered.
+        DatasetFormatError: the data set cannot be loaded, has no images, or (``need_images``)
+            names an image that does not exist; the message names the file and the problem.
+    """
+    from ..data.datasets.tn5000 import DatasetFormatError
+
+    if name not in DatasetCatalog.list():
+        raise UnknownDatasetError(
+            f"dataset {name!r} is not registered "
+            f"(registered: {', '.join(sorted(DatasetCatalog.list()))})"
+        )
+    try:
+        records = DatasetCatalog.get(name)
+    except DatasetFormatError:  # the loader's own message names the file and the problem
+        raise
+    except Exception as e:  # a malformed file: name it and the cause, not a deep traceback
+        source = MetadataCatalog.get(name).get("coco_json", name)
+        raise DatasetFormatError(
+            f"cannot load dataset {source!r}: {type(e).__name__}: {one_line(e)}"
+        ) from None
+    if not records:
+        raise DatasetFormatError(f"dataset {name!r} has no images")
+    if need_images:
+        missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DatasetFormatError(
+                f"dataset {name!r} references a missing image: {missing[0]}{more}"
+            )
+    return records
