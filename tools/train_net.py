@@ -6,11 +6,16 @@ Examples:
     python tools/train_net.py --config-file configs/mccnn.yaml --num-gpus 8
     python tools/train_net.py --config-file configs/mccnn.yaml --eval-only MODEL.WEIGHTS model.pth
 """
+import logging
+import os
+
 import detectron2.utils.comm as comm
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 
 import thyroid_det  # noqa: F401  (registers the plugin)
-from thyroid_det.engine import Checkpointer, Trainer, launch, setup_cfg
+from thyroid_det.data.datasets import register_coco_datasets
+from thyroid_det.engine import CheckpointError, Checkpointer, Trainer, launch, setup_cfg
 from thyroid_det.engine.defaults import load_cfg
 from thyroid_det.utils.cli import cli_errors
 
@@ -33,13 +38,41 @@ def main(args):
     return trainer.train()
 
 
+def check_inputs(cfg, args):
+    """
+    Load the run's data sets and find its ``--eval-only`` weights here, before several processes
+    start: a missing or broken data set then stops the run at once, and each process does not
+    repeat the load only to fail. The loaders' warnings are left to the run's main process.
+
+    Raises:
+        what the data set loaders raise (DatasetFormatError, FileNotFoundError, ...);
+        CheckpointError: ``--eval-only`` weights that do not exist.
+    """
+    register_coco_datasets(cfg)
+    names = [*([] if args.eval_only else cfg.DATASETS.TRAIN), *cfg.DATASETS.TEST]
+    logging.disable(logging.WARNING)
+    try:
+        for name in dict.fromkeys(names):
+            DatasetCatalog.get(name)
+    finally:
+        logging.disable(logging.NOTSET)
+    weights = cfg.MODEL.WEIGHTS
+    resumes = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if args.eval_only and not resumes and weights and "://" not in weights:
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"checkpoint {weights} not found")
+
+
 @cli_errors("train_net.py")
 def run(argv=None):
-    """Check the config before any process starts, then :func:`main` on every process (CPU
-    processes, gloo, where there is no GPU)."""
+    """Check the config (and, for several processes, the data sets and weights) before any
+    process starts, then :func:`main` on every process (CPU processes, gloo, where there is no
+    GPU); a user error in a process ends the tool on one line as it does in one process."""
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
-    load_cfg(args)
+    cfg = load_cfg(args)
+    if args.num_gpus * args.num_machines > 1:
+        check_inputs(cfg, args)
     return launch(
         main,
         args.num_gpus,

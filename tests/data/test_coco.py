@@ -18,6 +18,7 @@ from thyroid_det.data.datasets import (
     records_to_coco,
     register_coco_datasets,
 )
+from thyroid_det.engine.defaults import ConfigError
 from thyroid_det.utils.file_io import atomic_write_json
 
 from ..conftest import make_cfg
@@ -59,6 +60,14 @@ def test_load_coco_checks_boxes_and_sizes(tmp_path, caplog):
         load_coco(json_file, images)
 
 
+def test_load_coco_names_an_unreadable_image(tmp_path):
+    json_file, images = write_coco(tmp_path)
+    with open(os.path.join(images, "a.png"), "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(DatasetFormatError, match=r"a.json: image \S*/imgs/a.png: not a readable"):
+        load_coco(json_file, images)
+
+
 def cfg_from_command_line(opts):
     return make_cfg(opts=opts)
 
@@ -92,9 +101,11 @@ def test_coco_register_errors(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match=r"'test_coco_missing'.*'nope\.json' not found"):
         register_coco_datasets(cfg)
-    cfg = cfg_from_command_line(["DATASETS.COCO_REGISTER", f"[['test_coco_bad', '{json_file}']]"])
-    with pytest.raises(ValueError, match=r"COCO_REGISTER\[0\].*\[name, json_file, image_root\]"):
-        register_coco_datasets(cfg)
+    # A malformed entry is a config error (one line in a tool), naming the entry.
+    for entry in (f"[['test_coco_bad', '{json_file}']]", "['abc']"):
+        cfg = cfg_from_command_line(["DATASETS.COCO_REGISTER", entry])
+        with pytest.raises(ConfigError, match=r"COCO_REGISTER\[0\] is .*\[name, json_file, "):
+            register_coco_datasets(cfg)
 
 
 def test_records_to_coco_ids_and_boxes(tmp_path):

@@ -183,14 +183,20 @@ def test_hash_cache_is_used_refreshed_and_optional(voc_tree, tmp_path):
 
 
 def test_registered_names_are_lazy_and_follow_the_environment(voc_tree, tmp_path, monkeypatch):
-    assert {"tn5000_train", "tn5000_val", "tn5000_trainval"} <= set(DatasetCatalog.list())
+    names = {"tn5000_train", "tn5000_val", "tn5000_trainval", "tn5000_test"}
+    assert names <= set(DatasetCatalog.list())
     assert MetadataCatalog.get("tn5000_val").thing_classes == ["benign", "malignant"]
     assert MetadataCatalog.get("tn5000_val").evaluator_type == "coco"
     register_tn5000("test_tn5000_lazy", "train", dirname=str(tmp_path / "absent"))  # reads nothing
 
-    voc_tree({"000001": {"objects": [("1", 1, 1, 9, 9)]}}, {"val": ["000001"]})
+    voc_tree({"000001": {"objects": [("1", 1, 1, 9, 9)]}, "000002": {}}, {"val": ["000001"]})
     monkeypatch.setenv("THYROID_DATASETS", str(tmp_path / "voc"))
     assert [r["image_id"] for r in DatasetCatalog.get("tn5000_val")] == [1]
+    # tn5000_test is registered whatever the root held at import; its list is needed on loading.
+    with pytest.raises(FileNotFoundError, match=r"TN5000/ImageSets/Main/test.txt: split file not"):
+        DatasetCatalog.get("tn5000_test")
+    voc_tree({}, {"test": ["000002"]})
+    assert [r["image_id"] for r in DatasetCatalog.get("tn5000_test")] == [2]
 
 
 @pytest.mark.tn5000

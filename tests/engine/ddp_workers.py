@@ -71,3 +71,13 @@ def evaluate(opts, weights, output_dir, report):
     if comm.is_main_process():
         with open(report, "w") as f:
             json.dump({"world_size": comm.get_world_size(), "metrics": flat_metrics(results)}, f)
+
+
+def fail_on_main(error):
+    """The main process raises ``error``; the other waits for it in a barrier, as a process
+    waits in a collective when another stops."""
+    from detectron2.utils import comm
+
+    if comm.is_main_process():
+        raise error
+    comm.synchronize()

@@ -1,5 +1,6 @@
 """The multi-process path on two CPU processes (gloo): DDP training of the cascade under both
-schedules, with the sequential schedule's DDP re-wrap, and the evaluators' gather."""
+schedules, with the sequential schedule's DDP re-wrap, the evaluators' gather, and a process's
+error reaching the launcher."""
 import json
 import math
 import os
@@ -62,3 +63,16 @@ def test_distributed_evaluation_equals_single_process(
         assert (value is None or math.isnan(value)) == (other is None or math.isnan(other)), key
         if value is not None and not math.isnan(value):
             assert other == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_a_user_error_in_a_process_is_raised_as_itself(two_processes, workers):
+    """A tool then prints it on one line, as with one process; a bug keeps torch's exception,
+    which holds the process's traceback."""
+    from thyroid_det.data.datasets import DatasetFormatError
+
+    with pytest.raises(DatasetFormatError, match="^a.json: broken$") as info:
+        two_processes(workers.fail_on_main, DatasetFormatError("a.json: broken"))
+    assert isinstance(info.value.__cause__, torch.multiprocessing.ProcessRaisedException)
+    # torch reports the process that ends first: this one's KeyError or the other's lost peer.
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException):
+        two_processes(workers.fail_on_main, KeyError("bug"))

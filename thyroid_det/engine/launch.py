@@ -3,10 +3,18 @@
 detectron2 0.6's worker asserts CUDA and uses NCCL; current detectron2 falls back to gloo on a
 machine without GPUs. This does the same on either version, so that the multi-process path
 (DDP, the cascade's re-wrap, the evaluators' gather) runs, and is tested, on a CPU.
+
+A user's mistake that stops a process (a missing data set, a broken checkpoint: the errors that
+:func:`~thyroid_det.utils.cli.cli_errors` prints on one line) is raised again in the launching
+process as itself, not as torch's ProcessRaisedException around the process's traceback, so that
+a tool reports it as it does with one process.
 """
 import faulthandler
 import functools
 import gc
+import os
+import pickle
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -16,29 +24,74 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
+from ..utils.cli import _user_errors
+
 __all__ = ["launch"]
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=()):
     """
     As :func:`detectron2.engine.launch`; without CUDA, ``num_gpus_per_machine`` CPU processes
-    per machine on the gloo backend (one process: ``main_func(*args)`` here).
+    per machine on the gloo backend (one process: ``main_func(*args)`` here). A user error
+    (see the module docstring) that ends a process is raised here as itself, from torch's
+    exception, which keeps the process's traceback; any other error is torch's as before.
     """
     world_size = num_machines * num_gpus_per_machine
-    if torch.cuda.is_available() or world_size == 1:
+    if world_size == 1:
         return d2_launch(
             main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args
         )
-    if dist_url == "auto":
-        assert num_machines == 1, "dist_url=auto not supported in multi-machine jobs."
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.start_processes(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args),
-        daemon=False,
-        start_method="spawn",
-    )
+    with tempfile.TemporaryDirectory(prefix="thyroid_det_launch_") as errors:
+        main_func = functools.partial(_record_user_error, main_func, errors)
+        try:
+            if torch.cuda.is_available():
+                return d2_launch(
+                    main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args
+                )
+            if dist_url == "auto":
+                assert num_machines == 1, "dist_url=auto not supported in multi-machine jobs."
+                dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+            mp.start_processes(
+                _cpu_worker,
+                nprocs=num_gpus_per_machine,
+                args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args),
+                daemon=False,
+                start_method="spawn",
+            )
+        except mp.ProcessRaisedException as e:
+            error = _recorded_error(errors, e.error_pid)
+            if error is None:
+                raise
+            raise error from e
+
+
+def _record_user_error(main_func, errors, *args):
+    """``main_func(*args)`` in a process; a user error is also pickled to ``errors/<pid>``
+    for :func:`launch` to raise (torch passes back only its traceback, as text)."""
+    try:
+        return main_func(*args)
+    except _user_errors() as e:
+        try:
+            data = pickle.dumps(e)
+            pickle.loads(data)
+        except Exception:  # an error that does not survive the trip stays torch's
+            data = None
+        if data is not None:
+            path = os.path.join(errors, str(os.getpid()))
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)  # whole when launch reads it
+        raise
+
+
+def _recorded_error(errors, pid):
+    """The user error that process ``pid`` recorded, else one that another process recorded
+    (``pid`` then failed because that one stopped: a collective lost its peer), else None."""
+    names = sorted((n for n in os.listdir(errors) if n.isdigit()), key=lambda n: n != str(pid))
+    if not names:
+        return None
+    with open(os.path.join(errors, names[0]), "rb") as f:
+        return pickle.load(f)
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):

@@ -1,19 +1,16 @@
 """Register thyroid_det's built-in data sets with detectron2 (on import; nothing is read)."""
-import os
-
 from .phantoms import SYNTHETIC_SETS, register_phantoms
-from .tn5000 import register_tn5000, tn5000_dirname
+from .tn5000 import SPLITS, register_tn5000
 
 
 def register_all_tn5000():
     """
-    ``tn5000_{train,val,trainval}``, plus ``tn5000_test`` when its split file exists. The root
-    (``$THYROID_DATASETS``) is read again when a split is loaded.
+    ``tn5000_{train,val,trainval,test}``. The root (``$THYROID_DATASETS``) is read when a split
+    is loaded, so it may be set after import; ``tn5000_test`` then needs its split file
+    (``ImageSets/Main/test.txt``, which the release lacks) and names it when it is missing.
     """
-    for split in ("train", "val", "trainval"):
+    for split in SPLITS:
         register_tn5000(f"tn5000_{split}", split)
-    if os.path.isfile(os.path.join(tn5000_dirname(), "ImageSets", "Main", "test.txt")):
-        register_tn5000("tn5000_test", "test")
 
 
 def register_all_phantoms():

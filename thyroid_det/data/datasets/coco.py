@@ -24,7 +24,8 @@ def load_coco(json_file, image_root, dataset_name=None):
       are dropped, with one logged count;
     * an image whose real size differs from its ``width``/``height`` gets one warning naming the
       file, and the real size is used; if a box then lies outside the real image, the JSON does
-      not describe that image: DatasetFormatError.
+      not describe that image: DatasetFormatError;
+    * an image file that exists but cannot be read raises DatasetFormatError naming it.
 
     Images that are missing are left to the reader (and tools/evaluate.py's check). DICOM images
     get their calibration and frame (an image entry's optional ``"frame"``, 0-based):
@@ -56,7 +57,10 @@ def load_coco(json_file, image_root, dataset_name=None):
 def _use_real_size(record, json_file):
     if not os.path.isfile(record["file_name"]):
         return
-    width, height = image_size(record["file_name"])
+    try:
+        width, height = image_size(record["file_name"])
+    except OSError as e:  # UnreadableImage, DicomError: the message says why, not which file
+        raise DatasetFormatError(f"{json_file}: image {record['file_name']}: {e}") from None
     if (width, height) == (record["width"], record["height"]):
         return
     for ann in record["annotations"]:
@@ -101,12 +105,22 @@ def register_coco_datasets(cfg):
 
     Returns:
         list[str]: the names registered by this call.
+
+    Raises:
+        ConfigError: an entry that is not ``[name, json_file, image_root]``.
+        FileNotFoundError: an entry's JSON file or image folder does not exist.
     """
+    from ...engine.defaults import ConfigError  # engine.defaults imports this module
+
     registered = []
     for i, entry in enumerate(cfg.DATASETS.COCO_REGISTER):
-        if len(entry) != 3 or not all(isinstance(x, str) for x in entry):
-            raise ValueError(
-                f"DATASETS.COCO_REGISTER[{i}] is {entry!r}; expected [name, json_file, image_root]."
+        if not (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and all(isinstance(x, str) for x in entry)
+        ):
+            raise ConfigError(
+                f"DATASETS.COCO_REGISTER[{i}] is {entry!r}; expected [name, json_file, image_root]"
             )
         name, json_file, image_root = entry
         if name in DatasetCatalog.list():
