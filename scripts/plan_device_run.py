@@ -17,10 +17,20 @@ and SOLVER.CHECKPOINT_PERIOD (a quarter of Ec's stage). The measurements go to s
 import argparse
 import datetime
 import json
+import os
 import re
+import runpy
 import sys
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAMP = re.compile(r"^\[(\d\d/\d\d \d\d:\d\d:\d\d)")
+
+
+# thyroid_det's atomic JSON writer, run from its file (it needs only the standard library):
+# importing thyroid_det would import detectron2 and torch, seconds of a device run's time box.
+atomic_write_json = runpy.run_path(os.path.join(REPO, "thyroid_det", "utils", "file_io.py"))[
+    "atomic_write_json"
+]
 
 
 def log_times(path, year):
@@ -97,8 +107,7 @@ def main():
     }
     print(json.dumps(plan), file=sys.stderr)
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(plan, f, indent=1)
+        atomic_write_json(args.output, plan)
     print(" ".join(f"{k} {v}" for k, v in plan.items() if "." in k))
 
 

@@ -29,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,13 @@ def tree_bytes(path):
     for root, _, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     return total
+
+
+# thyroid_det's atomic JSON writer, run from its file (it needs only the standard library):
+# importing thyroid_det would import detectron2 and torch, seconds of a device run's time box.
+atomic_write_json = runpy.run_path(os.path.join(REPO, "thyroid_det", "utils", "file_io.py"))[
+    "atomic_write_json"
+]
 
 
 def load_install_detectron2():
@@ -186,8 +194,7 @@ def convert_data(data_dir, root, force):
         if max_side:
             cmd += ["--max-side", str(max_side)]
         run(cmd, cwd=REPO)
-    with open(stamp_path, "w") as f:
-        json.dump(settings, f)
+    atomic_write_json(stamp_path, settings, indent=None)
     return settings
 
 
@@ -248,8 +255,7 @@ def main(argv=None):
         "mib": {"wheels": round(mib(wheel_bytes), 2), "data": round(mib(data_bytes), 2),
                 "working_tree": round(mib(tree), 2), "device_call_total": round(mib(total), 2)},
     }
-    with open(os.path.join(output, "MANIFEST.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    atomic_write_json(os.path.join(output, "MANIFEST.json"), manifest)
     for name in manifest["wheels"]:
         log(f"wheel {name}")
     log(

@@ -12,8 +12,10 @@ evaluation, ``TEST.EVAL_PERIOD``). SOLVER.MAX_ITER comes from the run's ``config
 import argparse
 import json
 import os
+import runpy
 import sys
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADLINE = (
     "bbox/AP",
     "bbox/AP50",
@@ -30,6 +32,13 @@ HEADLINE = (
     "nodule/num_nodules",
 )
 PROGRESS = ("iteration", "progress/images_seen", "progress/train_minutes")
+
+
+# thyroid_det's atomic JSON writer, run from its file (it needs only the standard library):
+# importing thyroid_det would import detectron2 and torch, seconds of a device run's time box.
+atomic_write_json = runpy.run_path(os.path.join(REPO, "thyroid_det", "utils", "file_io.py"))[
+    "atomic_write_json"
+]
 
 
 def read_rows(path):
@@ -128,8 +137,7 @@ def main(argv=None):
         + ("completed" if summary["completed"] else "NOT completed (cut short or failed)")
     )
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(summary, f, indent=1)
+        atomic_write_json(args.output, summary)
     return summary
 
 

@@ -20,6 +20,8 @@ import torch
 from detectron2.export import TracingAdapter
 from torch.onnx import symbolic_helper as sh
 
+from .utils.file_io import atomic_path
+
 __all__ = ["ONNX_OPSET", "register_onnx_symbolics", "export_onnx"]
 
 ONNX_OPSET = 17
@@ -123,7 +125,8 @@ def export_onnx(model, image, path, *, opset=ONNX_OPSET):
     Args:
         model: a thyroid_det meta-architecture; put in eval mode.
         image (Tensor): an example (C, H, W) image to trace with.
-        path (str): the .onnx file to write.
+        path (str): the .onnx file to write; written beside it and renamed, so a failed
+            export leaves no truncated file and an earlier file at ``path`` intact.
         opset (int): ONNX opset, >= 16.
 
     Returns:
@@ -137,14 +140,15 @@ def export_onnx(model, image, path, *, opset=ONNX_OPSET):
     with torch.no_grad():
         adapter(*adapter.flattened_inputs)  # records outputs_schema, which names the outputs
         instances = adapter.outputs_schema.schemas[0].schemas[0]  # [{"instances": Instances}]
-        torch.onnx.export(
-            adapter,
-            adapter.flattened_inputs,
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["image"],
-            output_names=list(instances.keys) + ["image_size"],
-            dynamic_axes={"image": {1: "height", 2: "width"}},
-        )
+        with atomic_path(str(path)) as tmp:
+            torch.onnx.export(
+                adapter,
+                adapter.flattened_inputs,
+                tmp,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=list(instances.keys) + ["image_size"],
+                dynamic_axes={"image": {1: "height", 2: "width"}},
+            )
     return adapter

@@ -6,20 +6,25 @@ Examples:
         --input scan.png --output out/
     python tools/predict.py ... --input folder/ more.jpg list.txt --json-mode single
 
-Inputs: image files, folders (their images, not recursive) and list files (``.txt``: one path
-per line, relative to the list's folder; blank lines and ``#`` comments ignored). Images may be
-grayscale or colour (converted with ITU-R 601 luma, as PIL's "L"; an alpha channel is dropped),
-8- or 16-bit PNG, JPEG, BMP or TIFF. 16-bit images become 8-bit by ``--scale-16bit``:
-"full" (default) maps 0..65535 linearly onto 0..255 (value / 257: exact for 8-bit data stored
-as 16-bit), "minmax" stretches each image's own min..max onto 0..255 (for 10/12-bit exports).
-Images are read by thyroid_det.data.image_io, as training and evaluation read them. A file
-that cannot be used (missing, corrupt, a truncated JPEG, a side under 32 px) is reported by name
-and skipped; the rest proceed, and the exit status is 2 if any was skipped. ``--output`` may not
-be a folder the inputs are in (outputs would replace files there); a new sub-folder is fine.
+Inputs: image files, folders (their images and DICOM files, not recursive) and list files
+(``.txt``: one path per line, relative to the list's folder; blank lines and ``#`` comments
+ignored). Images may be grayscale or colour (an alpha channel is dropped), 8- or 16-bit PNG,
+JPEG, BMP or TIFF. 16-bit images become 8-bit by ``--scale-16bit``: "full" (default) maps
+0..65535 linearly onto 0..255 (value / 257: exact for 8-bit data stored as 16-bit), "minmax"
+stretches each image's own min..max onto 0..255 (for 10/12-bit exports). Images are read by
+thyroid_det.data.image_io, as training and evaluation read them. A file that cannot be used
+(missing, corrupt, a truncated JPEG, a side under 32 px) is reported by name and skipped; the
+rest proceed, and the exit status is 2 if any was skipped. ``--output`` may not be a folder the
+inputs are in (outputs would replace files there); a new sub-folder is fine.
 
-The model sees what tools/evaluate.py feeds it: thyroid_det.engine.Predictor resizes the image
-to INPUT.FIXED_SIZE as the test mapper does (detectron2's DefaultPredictor accepts only RGB/BGR
-input and resizes by the shorter edge). Outputs, in original-image pixels:
+The model sees what tools/evaluate.py feeds it: the file as the test mapper reads it (a colour
+file in colour for colour configs, whose SSD models take its ITU-R 601 luma; a DICOM frame in
+gray), resized by thyroid_det.engine.Predictor with the test mapper's own augmentation, to
+INPUT.FIXED_SIZE without keeping the aspect ratio, for every config. detectron2's
+DefaultPredictor differs: it resizes by the shorter edge (the peers then keep the aspect ratio)
+and applies no malignancy temperature. Drawings are gray. ``<name>`` below is the file's stem
+(``<stem>_f<frame>`` for a cine frame), numbered ``_1``, ``_2``, ... where an earlier output
+took it, so no output replaces another. Outputs, in original-image pixels:
 
 * ``OUTPUT/<name>.png``: the image with each detection at or above ``--min-score``, labelled
   with its class and that class's probability (red: malignant, green: benign); images with a
@@ -37,7 +42,7 @@ input and resizes by the shorter edge). Outputs, in original-image pixels:
 
 DICOM files (``.dcm``/``.dicom`` or the DICM marker; Ultrasound and Secondary Capture, any
 transfer syntax pydicom's plugins decode) are read by thyroid_det.data.dicom; every frame of a
-multi-frame cine is predicted on its own, as ``<name>_f<frame>``. A detection's ``size`` is
+multi-frame cine is predicted on its own, as ``<stem>_f<frame>``. A detection's ``size`` is
 ``width_mm``, ``height_mm`` and ``diameter_mm`` (equivalent diameter sqrt(width * height)) from
 the file's SequenceOfUltrasoundRegions (the region containing the box) or PixelSpacing, or
 ``{"calibration": "none", "reason": ...}`` for uncalibrated files and other images.
@@ -62,7 +67,7 @@ from thyroid_det.data.dicom import (
     is_dicom,
     read_frames,
 )
-from thyroid_det.data.image_io import UnreadableImage
+from thyroid_det.data.image_io import UnreadableImage, read_image
 from thyroid_det.engine import Predictor, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import malignant_probability
 from thyroid_det.utils.cli import cli_errors, config_tool_parser
@@ -83,16 +88,24 @@ def to_model_input(gray, image_format):
     return gray if image_format == "L" else np.repeat(gray[:, :, None], 3, axis=2)
 
 
+def model_image(path, gray, image_format, scale_16bit):
+    """The array evaluate.py's mapper reads for ``path``, as Predictor takes it: for colour
+    configs an image file is read again as BGR, so a colour overlay reaches the model as it does
+    in evaluation (the peers keep three channels); DICOM frames are gray either way."""
+    if image_format == "L" or is_dicom(path):
+        return to_model_input(gray, image_format)
+    return read_image(path, "BGR", scale_16bit)
+
+
 def collect_inputs(paths):
     """Expand files, folders and list files into image paths, in order, without duplicates."""
     found = []
     for path in paths:
         if os.path.isdir(path):
-            found += sorted(
-                os.path.join(path, f)
-                for f in os.listdir(path)
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            files = sorted(os.path.join(path, f) for f in os.listdir(path))
+            found += [
+                f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(f)
+            ]  # a PACS export's DICOM files often have no extension
         elif path.lower().endswith(".txt") and os.path.isfile(path):
             base = os.path.dirname(os.path.abspath(path))
             with open(path, encoding="utf-8") as f:
@@ -106,15 +119,34 @@ def collect_inputs(paths):
     return [p for p in found if not (p in seen or seen.add(p))]
 
 
-def output_names(paths):
-    """A distinct output stem per input: the file's stem, numbered when two inputs share one."""
-    names, used = [], {}
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        count = used.get(stem, 0)
-        used[stem] = count + 1
-        names.append(stem if count == 0 else f"{stem}_{count}")
-    return names
+def output_stem(path):
+    """The file's name without its extension; a DICOM file named by its UID keeps its dots,
+    which are no extension (1.2.840.113619.2.5 and 1.2.840.113619.2.6 stay apart)."""
+    name = os.path.basename(path)
+    stem, ext = os.path.splitext(name)
+    if ext.lower() not in IMAGE_EXTENSIONS and is_dicom(path):
+        return name
+    return stem
+
+
+class OutputNames:
+    """Distinct output stems, in the order the outputs are made: the wanted name (a file's stem,
+    ``<stem>_f<frame>`` for a cine frame) if no earlier output holds it, else the first of
+    ``<name>_1``, ``<name>_2``, ... that none holds. Every name given is remembered, numbered
+    and frame names included, so x/a.png, y/a.png, a_1.png give a, a_1, a_1_1, and an input
+    scan_f000.png after a cine scan.dcm gives scan_f000_1. Names are compared without case, as
+    macOS and Windows file systems compare them."""
+
+    def __init__(self):
+        self.used = set()
+
+    def __call__(self, wanted):
+        name, count = wanted, 0
+        while name.lower() in self.used:
+            count += 1
+            name = f"{wanted}_{count}"
+        self.used.add(name.lower())
+        return name
 
 
 def instances_to_json(instances, classes):
@@ -187,20 +219,22 @@ def main(argv=None):
     if len(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", DEFAULT_CLASSES)
     predictor = Predictor(cfg)
-    names = output_names(paths)
+    output_name = OutputNames()
     results, skipped = [], []
     report = []
-    for path, stem in tqdm.tqdm(list(zip(paths, names)), desc="predict", unit="image"):
+    for path in tqdm.tqdm(paths, desc="predict", unit="image"):
         try:
             frames = read_frames(path, args.scale_16bit)
         except (UnreadableImage, DicomError) as e:
             logger.warning(f"skipped {path}: {e}")
             skipped.append({"file_name": path, "error": str(e)})
             continue
+        stem = output_stem(path)
         for frame in frames:
-            name = stem if frame.index is None else f"{stem}_f{frame.index:03d}"
+            name = output_name(stem if frame.index is None else f"{stem}_f{frame.index:03d}")
             gray = frame.image
-            instances = predictor(to_model_input(gray, cfg.INPUT.FORMAT))["instances"].to("cpu")
+            image = model_image(path, gray, cfg.INPUT.FORMAT, args.scale_16bit)
+            instances = predictor(image)["instances"].to("cpu")
             kept = instances[instances.scores >= args.min_score]
             record = {
                 "file_name": path,

@@ -1,11 +1,16 @@
 """DICOM frames and calibration, on files the tests write with pydicom."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
+from thyroid_det.data.datasets import load_coco
 from thyroid_det.data.dicom import DicomError, box_size_mm, is_dicom, read_dicom, read_dicom_header
+from thyroid_det.data.image_io import image_size, read_grayscale, read_image
+from thyroid_det.data.mapper import SSDDatasetMapper
 
 
 def gradient(height=48, width=64):
@@ -92,3 +97,35 @@ def test_jpeg2000_lossless(tmp_path, make_dicom):
     image = gradient()
     path = make_dicom(tmp_path / "j2k.dcm", image, transfer_syntax=JPEG2000Lossless)
     np.testing.assert_array_equal(read_dicom(path).frames[0], image)
+
+
+def test_dicom_without_extension_is_read_everywhere(tmp_path, make_dicom):
+    """PACS exports name files by UID or not at all: the DICM marker, not the name, routes them
+    in dataset loading, the mapper (training, evaluation) and sizing, as in predict.py."""
+    frames = np.stack([gradient(), 255 - gradient()])
+    names = ["IM000001", "1.2.840.99.7"]  # no extension; an extension that says nothing
+    for name in names:
+        make_dicom(tmp_path / name, frames, ("us", 0.1, 0.1))
+        path = str(tmp_path / name)
+        assert is_dicom(path)
+        np.testing.assert_array_equal(read_grayscale(path), frames[0])
+        np.testing.assert_array_equal(read_image(path, "BGR", frame=1)[:, :, 0], frames[1])
+        assert image_size(path) == (64, 48)
+    coco = {
+        "images": [
+            {"id": i, "file_name": name, "height": 48, "width": 64, "frame": 1}
+            for i, name in enumerate(names)
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 0, "category_id": 1, "bbox": [10, 10, 20, 10], "area": 200,
+             "iscrowd": 0}
+        ],
+        "categories": [{"id": 1, "name": "benign"}],
+    }  # fmt: skip
+    (tmp_path / "set.json").write_text(json.dumps(coco))
+    records = load_coco(str(tmp_path / "set.json"), str(tmp_path))
+    assert [r["frame"] for r in records] == [1, 1]
+    assert records[0]["calibration"]["source"] == "SequenceOfUltrasoundRegions"
+    mapper = SSDDatasetMapper(is_train=False, augmentations=[], image_format="L")
+    for record in records:
+        np.testing.assert_array_equal(mapper(record)["image"][0].numpy(), frames[1])

@@ -97,6 +97,25 @@ def test_onnx_model_runs_in_onnxruntime_with_eager_outputs(config, tmp_path):
     assert_matches_eager(model, images, run, rtol=1e-5, atol=1e-4)
 
 
+def test_failed_onnx_export_leaves_the_previous_file(tmp_path, monkeypatch):
+    """The .onnx is written beside its path and renamed: an export that fails part-way leaves
+    neither a truncated file nor a temporary one."""
+    model, images = model_and_images(CONFIGS[0])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the previous export")
+
+    def fails_part_way(model, args, f, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half a graph")
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", fails_part_way)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_onnx(model, images[0], str(path))
+    assert path.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
 class SymbolicOps(nn.Module):
     """The three ops thyroid_det.export adds symbolics for."""
 

@@ -73,7 +73,8 @@ def test_predict_dicom_sizes_frames_and_html_report(tmp_path, weights, tool, tin
 
 def test_predict_output_names_never_collide(tmp_path, weights, tool, tiny_opts, make_dicom):
     """A name numbered for one input, or given to a cine frame, is never given again: each
-    output keeps its own drawing and JSON. Extensionless DICOM files in a folder are inputs."""
+    output keeps its own drawing and JSON. A folder's DICOM files without an extension, or named
+    by their UID, are inputs, named by their whole name."""
     gray, _ = nodule_image(np.random.default_rng(4))
     for rel in ("x/a.png", "y/a.png", "a_1.png", "scan_f000.png", "A.png"):
         (tmp_path / rel).parent.mkdir(exist_ok=True)
@@ -82,6 +83,7 @@ def test_predict_output_names_never_collide(tmp_path, weights, tool, tiny_opts, 
     pacs = tmp_path / "pacs"
     pacs.mkdir()
     make_dicom(pacs / "IM000001", gray)
+    make_dicom(pacs / "1.2.840.99.7", gray)  # named by its UID: the dots are no extension
     (pacs / "notes").write_text("not an image")
     listing = tmp_path / "list.txt"
     listing.write_text("x/a.png\ny/a.png\na_1.png\nscan.dcm\nscan_f000.png\nA.png\n")
@@ -94,7 +96,7 @@ def test_predict_output_names_never_collide(tmp_path, weights, tool, tiny_opts, 
         "a": ("x/a.png", None), "a_1": ("y/a.png", None), "a_1_1": ("a_1.png", None),
         "scan_f000": ("scan.dcm", 0), "scan_f001": ("scan.dcm", 1),
         "scan_f000_1": ("scan_f000.png", None), "A_2": ("A.png", None),
-        "IM000001": ("pacs/IM000001", None),
+        "IM000001": ("pacs/IM000001", None), "1.2.840.99.7": ("pacs/1.2.840.99.7", None),
     }  # fmt: skip
     written = {f for f in os.listdir(out) if f.endswith((".json", ".png"))}
     assert written == {f"{name}.{ext}" for name in expected for ext in ("json", "png")}

@@ -124,7 +124,7 @@ def test_evaluate_names_a_missing_image_or_broken_json(tmp_path, weights, tool, 
         evaluate.main(evaluate_argv(weights, tiny_opts, json_file, tmp_path / "eval"))
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [')
-    with pytest.raises(SystemExit, match="cannot load dataset .*broken.json"):
+    with pytest.raises(SystemExit, match=r"^evaluate.py: error: \S*broken.json: not a usable COCO"):
         evaluate.main(evaluate_argv(weights, tiny_opts, str(broken), tmp_path / "eval"))
 
 
@@ -164,6 +164,32 @@ def test_predict_reads_every_kind_and_skips_a_corrupt_file(tmp_path, weights, to
     assert json.loads((out / "gray8.json").read_text())["height"] == 96
     with pytest.raises(SystemExit, match="--output .* holds the input .*gray8.png"):
         predict.main(predict_argv(weights, tiny_opts, inputs / "gray8.png", inputs))
+
+
+def test_predict_gives_the_model_what_evaluation_reads(tmp_path, weights, tool, tiny_opts):
+    """A colour file reaches the model in colour, as the test mapper reads it: predict.py's
+    detections are the model's on evaluate.py's input."""
+    from thyroid_det.data.mapper import SSDDatasetMapper
+    from thyroid_det.engine import Predictor
+
+    from ..conftest import make_cfg
+
+    predict = tool("predict")
+    gray, _ = nodule_image(np.random.default_rng(2))
+    colour = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    colour[10:20, 10:60] = (0, 0, 255)  # a red calliper mark
+    colour[40:70, 70:110, 0] = 255  # a blue Doppler patch
+    path = tmp_path / "colour.png"
+    cv2.imwrite(str(path), colour)
+    argv = predict_argv(weights, tiny_opts, path, tmp_path / "out", "--min-score", "0")
+    detections = predict.main(argv)["images"][0]["detections"]
+    got = [{k: v for k, v in det.items() if k != "size"} for det in detections]
+    cfg = make_cfg(config_path(), tiny_opts + ["MODEL.WEIGHTS", weights])
+    model = Predictor(cfg).model
+    record = {"file_name": str(path), "image_id": 0, "height": 96, "width": 128}
+    with torch.no_grad():
+        instances = model([SSDDatasetMapper(cfg, is_train=False)(record)])[0]["instances"]
+    assert got == predict.instances_to_json(instances, predict.DEFAULT_CLASSES)
 
 
 def test_predict_refuses_weights_that_leave_the_model_random(tmp_path, tool, tiny_opts):

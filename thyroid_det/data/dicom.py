@@ -114,7 +114,9 @@ class DicomImage(NamedTuple):
 
 
 def is_dicom(path):
-    """Whether ``path`` is a DICOM file: a .dcm/.dicom name, or the "DICM" preamble marker."""
+    """Whether ``path`` is a DICOM file: a .dcm/.dicom name, or the "DICM" preamble marker (PACS
+    exports name files by UID or not at all). Every reader routes by it: image_io's decoder,
+    :func:`read_frames` and :func:`add_dicom_fields`."""
     if path.lower().endswith(DICOM_EXTENSIONS):
         return True
     try:
@@ -327,4 +329,4 @@ def add_dicom_fields(records, json_file=None):
     return records
 
 
-register_decoder(DICOM_EXTENSIONS, decode_frame)
+register_decoder(is_dicom, decode_frame)

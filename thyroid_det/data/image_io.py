@@ -14,9 +14,10 @@ the same way wherever it is read:
   (a JPEG without its end-of-image marker after the last scan), an unsupported pixel type, a side
   below ``MIN_IMAGE_SIDE`` or more than ``MAX_IMAGE_PIXELS`` pixels.
 
-Formats that OpenCV cannot decode (DICOM, ...) plug in through :func:`register_decoder`.
+Formats that OpenCV cannot decode (DICOM, ...) plug in through :func:`register_decoder`, which
+routes a file by what it is, not only by its name: PACS exports often name DICOM files by their
+UID or not at all, and every reader here must take them as predict.py does.
 """
-import os
 
 import cv2
 import numpy as np
@@ -37,7 +38,8 @@ __all__ = [
 MIN_IMAGE_SIDE = 32
 # 16k x 16k: far above any ultrasound frame; larger files are decompression bombs or mistakes.
 MAX_IMAGE_PIXELS = 1 << 28
-_DECODERS = {}
+# (accepts(path) -> bool, decode(path, frame) -> ndarray), asked in order of registration.
+_DECODERS = []
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -45,18 +47,27 @@ class UnreadableImage(OSError):
     """An image file that cannot be used; the message says why (the caller names the file)."""
 
 
-def register_decoder(extensions, decode):
-    """Route files ending in ``extensions`` to ``decode(path, frame) -> ndarray`` (HxW or HxWxC
-    BGR, uint8 or uint16; ``frame``: 0-based, for multi-frame formats such as DICOM cine); its
-    array then goes through the same conversion and checks as any other."""
-    for ext in extensions:
-        _DECODERS[ext.lower()] = decode
+def register_decoder(accepts, decode):
+    """Route the files for which ``accepts(path)`` is true to ``decode(path, frame) -> ndarray``
+    (HxW or HxWxC BGR, uint8 or uint16; ``frame``: 0-based, for multi-frame formats such as
+    DICOM cine); its array then goes through the same conversion and checks as any other.
+    ``accepts`` should look at the file's header where the name may not say (DICOM's "DICM"
+    marker: :func:`thyroid_det.data.dicom.is_dicom`), and be cheap: every read and size asks it."""
+    _DECODERS.append((accepts, decode))
+
+
+def _decoder_for(path):
+    """The registered decoder that accepts ``path``, or None for OpenCV's formats."""
+    for accepts, decode in _DECODERS:
+        if accepts(path):
+            return decode
+    return None
 
 
 def _decode(path, frame=0):
-    ext = os.path.splitext(path)[1].lower()
-    if ext in _DECODERS:
-        return _DECODERS[ext](path, frame)
+    decode = _decoder_for(path)
+    if decode is not None:
+        return decode(path, frame)
     if frame:
         raise UnreadableImage(f"a single-frame image; frame {frame} asked for")
     try:
@@ -142,7 +153,7 @@ def read_grayscale(path, scale_16bit="full"):
 def image_size(path):
     """(width, height) of the image as :func:`read_image` returns it (EXIF orientation applied),
     from the file's header where PIL can read it, else by decoding it."""
-    if os.path.splitext(path)[1].lower() not in _DECODERS:
+    if _decoder_for(path) is None:
         try:
             with Image.open(path) as im:
                 width, height = im.size

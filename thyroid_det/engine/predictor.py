@@ -1,4 +1,5 @@
-"""detectron2's DefaultPredictor with the checks and inputs a clinical tool needs."""
+"""detectron2's DefaultPredictor, fed as evaluation feeds the model, with the checks and inputs a
+clinical tool needs."""
 import cv2
 import numpy as np
 import torch
@@ -16,21 +17,26 @@ __all__ = ["Predictor"]
 class Predictor:
     """One image in, ``{"instances": Instances}`` out, for any model a thyroid_det config builds.
 
-    For "BGR"/"RGB" configs (every shipped one) it gives exactly detectron2's
-    ``DefaultPredictor``'s outputs: the same resize (``ResizeShortestEdge`` by
-    ``INPUT.MIN/MAX_SIZE_TEST``; the SSD configs set MIN_SIZE_TEST 0, so the image is passed as
-    it is and the model itself converts it to luma and resizes it to ``INPUT.FIXED_SIZE``) and
-    the same attributes (``cfg``, ``model``, ``metadata``, ``aug``, ``input_format``). On top,
-    it takes grayscale arrays, refuses a ``MODEL.WEIGHTS`` checkpoint that leaves model weights
-    uninitialised, and applies the malignancy temperature.
+    The image is resized as evaluation resizes it (tools/evaluate.py, the trainer's
+    evaluations): by the test mapper's augmentation
+    (:func:`~thyroid_det.data.transforms.build_ssd_augmentation`: to ``INPUT.FIXED_SIZE``, aspect
+    ratio not kept), so that given the array :func:`~thyroid_det.data.image_io.read_image` reads,
+    it predicts what was scored. detectron2's ``DefaultPredictor`` resizes by the shorter edge
+    (``INPUT.MIN/MAX_SIZE_TEST``; the SSD configs set MIN_SIZE_TEST 0 and the model resizes
+    itself): the two give equal outputs on an image of ``INPUT.FIXED_SIZE``, which both resizes
+    keep as it is. On top, it takes grayscale arrays, loads ``MODEL.WEIGHTS`` as evaluation does
+    (refusing a checkpoint that leaves model weights uninitialised; a periodic checkpoint's EMA
+    average: :func:`~thyroid_det.engine.load_inference_weights`) and applies the malignancy
+    temperature. It has DefaultPredictor's attributes (``cfg``, ``model``, ``metadata``,
+    ``input_format``, and ``aug``, here an ``AugmentationList``: call it on a ``T.AugInput``).
 
     Accepted images (uint8 unless noted):
 
     * "BGR" / "RGB": HxWx3 BGR, as DefaultPredictor takes, or HxW / HxWx1 grayscale (given to
-      the model as three equal channels).
+      the model as three equal channels, as ``read_image`` reads a gray file).
     * "L" (older configs): HxW or HxWx1 grayscale (any dtype the resize takes), or HxWx3 BGR
       converted as :func:`thyroid_det.data.image_io.read_image` converts colour files (ITU-R
-      601 luma); resized to ``INPUT.FIXED_SIZE`` as SSDDatasetMapper does for evaluation.
+      601 luma).
     """
 
     def __init__(self, cfg):
@@ -44,12 +50,9 @@ class Predictor:
         # Temperature-scaled malignant probability (MODEL.MALIGNANCY_TEMPERATURE or checkpoint).
         self.malignancy_temperature = resolve_malignancy_temperature(cfg)
         attach_malignancy_temperature(self.model, self.malignancy_temperature)
-        if cfg.INPUT.FORMAT == "L":
-            self.aug = T.AugmentationList(build_ssd_augmentation(cfg, is_train=False))
-        else:  # DefaultPredictor's
-            self.aug = T.ResizeShortestEdge(
-                [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-            )
+        # SSDDatasetMapper's test-time augmentation, not DefaultPredictor's ResizeShortestEdge:
+        # the peers would otherwise see the aspect ratio kept, an image they were never scored on.
+        self.aug = T.AugmentationList(build_ssd_augmentation(cfg, is_train=False))
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("L", "BGR", "RGB"):
             raise ValueError(f"Predictor: unsupported INPUT.FORMAT {self.input_format!r}")
