@@ -23,6 +23,9 @@ from thyroid_det.utils.cli import cli_errors
 def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
+        resumes = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+        if not cfg.MODEL.WEIGHTS and not resumes:  # detectron2 would evaluate random weights
+            raise CheckpointError("--eval-only needs weights: MODEL.WEIGHTS is empty")
         model = Trainer.build_model(cfg)
         Checkpointer(
             model, cfg.OUTPUT_DIR, require_all_weights=True, weight_average=True

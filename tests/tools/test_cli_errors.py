@@ -218,3 +218,12 @@ def test_train_net_on_two_processes_ends_a_user_error_on_one_line(
     last = result.stderr.strip().splitlines()[-1]
     assert re.match(r"train_net.py: error: \S*empty.pth lacks \d+ of the model's", last), last
     assert "Traceback" not in result.stderr
+
+
+def test_train_net_eval_only_refuses_to_evaluate_random_weights(tmp_path, tool, tiny_opts):
+    """detectron2 loads nothing for an empty MODEL.WEIGHTS and would score a random model."""
+    train_net = tool("train_net")
+    argv = ["--config-file", BASE, "--eval-only"] + tiny_opts + [
+        "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path / "o")]  # fmt: skip
+    with pytest.raises(SystemExit, match="^train_net.py: error: --eval-only needs weights"):
+        train_net.run(argv)
