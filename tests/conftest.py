@@ -142,11 +142,12 @@ def tiny_opts():
 
 @pytest.fixture(scope="session")
 def tool():
-    """``tool(name)`` imports ``tools/<name>.py`` as a module (tools/ is not a package)."""
+    """``tool(name)`` imports ``tools/<name>.py`` as a module (tools/ is not a package);
+    ``tool(name, "scripts")`` a script of ``scripts/``."""
 
-    def load(name):
-        path = os.path.join(REPO, "tools", f"{name}.py")
-        spec = importlib.util.spec_from_file_location(f"thyroid_det_tool_{name}", path)
+    def load(name, folder="tools"):
+        path = os.path.join(REPO, folder, f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"thyroid_det_{folder}_{name}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

@@ -3,7 +3,6 @@ write that fails part-way (a full disk, a killed process) leaves the previous fi
 never a truncated one that the next step would fail to parse."""
 import builtins
 import errno
-import importlib.util
 import json
 import os
 import sys
@@ -11,17 +10,6 @@ import sys
 import pytest
 
 from .test_plan_device_run import _calibration
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_script(name):
-    path = os.path.join(REPO, "scripts", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"thyroid_det_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture
 def disk_fills(monkeypatch):
@@ -47,8 +35,8 @@ def assert_only(folder, names):
     assert sorted(os.listdir(folder)) == sorted(names)  # no temporary file left either
 
 
-def test_plan_keeps_the_previous_plan(tmp_path, monkeypatch, disk_fills):
-    plan = load_script("plan_device_run")
+def test_plan_keeps_the_previous_plan(tmp_path, monkeypatch, disk_fills, tool):
+    plan = tool("plan_device_run", "scripts")
     run_dir, log = _calibration(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -62,8 +50,8 @@ def test_plan_keeps_the_previous_plan(tmp_path, monkeypatch, disk_fills):
     assert_only(out, ["plan.json"])
 
 
-def test_summary_keeps_the_previous_summary(tmp_path, disk_fills):
-    summarize = load_script("summarize_run")
+def test_summary_keeps_the_previous_summary(tmp_path, disk_fills, tool):
+    summarize = tool("summarize_run", "scripts")
     rows = [{"iteration": 99, "bbox/AP50": 50.0, "progress/train_minutes": 1.0}]
     (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
@@ -76,9 +64,9 @@ def test_summary_keeps_the_previous_summary(tmp_path, disk_fills):
     assert_only(out, ["summary.json"])
 
 
-def test_payload_stamps_are_whole_or_absent(tmp_path, monkeypatch, disk_fills):
+def test_payload_stamps_are_whole_or_absent(tmp_path, monkeypatch, disk_fills, tool):
     """settings.json (which a re-run parses to keep converted data) and MANIFEST.json."""
-    prepare = load_script("prepare_device_run")
+    prepare = tool("prepare_device_run", "scripts")
     monkeypatch.setattr(prepare, "run", lambda cmd, **kwargs: None)  # the converter
     monkeypatch.setattr(prepare, "build_wheels", lambda wheel_dir: {})
     monkeypatch.setattr(prepare, "working_tree_bytes", lambda: 0)
