@@ -65,9 +65,10 @@ from thyroid_det.data.dicom import (
     DicomError,
     box_size_mm,
     is_dicom,
+    model_image,
     read_frames,
 )
-from thyroid_det.data.image_io import UnreadableImage, read_image
+from thyroid_det.data.image_io import UnreadableImage
 from thyroid_det.engine import Predictor, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import malignant_probability
 from thyroid_det.utils.cli import cli_errors, config_tool_parser
@@ -80,21 +81,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + DICOM_EX
 DEFAULT_CLASSES = ["benign", "malignant"]
 CLASS_COLOURS = {"benign": (0.1, 0.8, 0.2), "malignant": (0.95, 0.1, 0.1)}
 MAX_DRAW_SIDE = 2048
-
-
-def to_model_input(gray, image_format):
-    """What thyroid_det's Predictor takes for ``INPUT.FORMAT``: the grayscale image itself for
-    "L", three equal BGR channels for colour configs."""
-    return gray if image_format == "L" else np.repeat(gray[:, :, None], 3, axis=2)
-
-
-def model_image(path, gray, image_format, scale_16bit):
-    """The array evaluate.py's mapper reads for ``path``, as Predictor takes it: for colour
-    configs an image file is read again as BGR, so a colour overlay reaches the model as it does
-    in evaluation (the peers keep three channels); DICOM frames are gray either way."""
-    if image_format == "L" or is_dicom(path):
-        return to_model_input(gray, image_format)
-    return read_image(path, "BGR", scale_16bit)
 
 
 def collect_inputs(paths):
@@ -233,7 +219,7 @@ def main(argv=None):
         for frame in frames:
             name = output_name(stem if frame.index is None else f"{stem}_f{frame.index:03d}")
             gray = frame.image
-            image = model_image(path, gray, cfg.INPUT.FORMAT, args.scale_16bit)
+            image = model_image(path, frame, cfg.INPUT.FORMAT, args.scale_16bit)
             instances = predictor(image)["instances"].to("cpu")
             kept = instances[instances.scores >= args.min_score]
             record = {

@@ -129,3 +129,21 @@ def test_dicom_without_extension_is_read_everywhere(tmp_path, make_dicom):
     mapper = SSDDatasetMapper(is_train=False, augmentations=[], image_format="L")
     for record in records:
         np.testing.assert_array_equal(mapper(record)["image"][0].numpy(), frames[1])
+
+
+def test_model_image_is_what_the_mapper_reads(tmp_path, make_dicom):
+    """What predict.py and evaluate.py --image-labels give a model: a colour file in colour for
+    colour configs (not its gray rendering), the gray frame for "L" configs and for DICOM."""
+    from thyroid_det.data.dicom import model_image, read_frames
+
+    colour = np.dstack([gradient(), np.zeros((48, 64), np.uint8), np.full((48, 64), 200, np.uint8)])
+    png = str(tmp_path / "colour.png")
+    Image.fromarray(colour[:, :, ::-1]).save(png)  # PIL writes RGB: the file holds BGR `colour`
+    frame = read_frames(png)[0]
+    np.testing.assert_array_equal(model_image(png, frame, "BGR"), read_image(png, "BGR"))
+    assert model_image(png, frame, "BGR").std(axis=2).max() > 0  # the channels differ
+    np.testing.assert_array_equal(model_image(png, frame, "L"), frame.image)
+    dcm = make_dicom(tmp_path / "plain.dcm", gradient())
+    frame = read_frames(dcm)[0]
+    got = model_image(dcm, frame, "BGR")
+    assert got.shape == (48, 64, 3) and (got == frame.image[:, :, None]).all()

@@ -23,7 +23,7 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 from PIL import Image
 
-from .image_io import read_grayscale, register_decoder
+from .image_io import read_grayscale, read_image, register_decoder
 
 __all__ = [
     "DICOM_EXTENSIONS",
@@ -36,6 +36,7 @@ __all__ = [
     "box_size_mm",
     "decode_frame",
     "is_dicom",
+    "model_image",
     "read_dicom",
     "read_dicom_header",
     "read_frames",
@@ -299,6 +300,20 @@ def read_frames(path, scale_16bit="full"):
     dicom = read_dicom(path)
     multi = len(dicom.frames) > 1
     return [Frame(i if multi else None, f, dicom.calibration) for i, f in enumerate(dicom.frames)]
+
+
+def model_image(path, frame, image_format, scale_16bit="full"):
+    """
+    The array :class:`thyroid_det.engine.Predictor` takes for ``frame`` (of :func:`read_frames`)
+    of ``path``, as evaluation's mapper reads the file: the gray frame for "L" configs and for
+    DICOM; for colour configs an image file is read again as BGR, so that a colour overlay reaches
+    a model that keeps three channels (the peers) as it did in evaluation.
+    """
+    if image_format == "L":
+        return frame.image
+    if is_dicom(path):
+        return np.repeat(frame.image[:, :, None], 3, axis=2)
+    return read_image(path, "BGR", scale_16bit)
 
 
 def add_dicom_fields(records, json_file=None):

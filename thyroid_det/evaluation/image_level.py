@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from ..data.dicom import read_frames
+from ..data.dicom import model_image, read_frames
 from .metrics import bootstrap_auc_interval, malignant_probability, roc_auc
 from .operating_points import fixed_threshold_metrics
 
@@ -66,9 +66,7 @@ def score_images(predictor, items, min_score=0.3, scale_16bit="full"):
             results.append(row)
             continue
         for frame in frames:
-            image = frame.image if predictor.input_format == "L" else np.repeat(
-                frame.image[:, :, None], 3, axis=2
-            )
+            image = model_image(path, frame, predictor.input_format, scale_16bit)
             instances = predictor(image)["instances"].to("cpu")
             kept = instances[instances.scores >= min_score]
             row["num_detections"] += len(kept)
