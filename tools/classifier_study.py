@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tqdm
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from sklearn.base import clone
 from sklearn.ensemble import (
@@ -53,7 +52,7 @@ from thyroid_det.data.mapper import SSDDatasetMapper
 from thyroid_det.engine import load_inference_weights, setup_cfg_for_weights
 from thyroid_det.evaluation.nodule_evaluator import binary_metrics
 from thyroid_det.evaluation.plots import plot_roc_curves
-from thyroid_det.utils.cli import cli_errors, config_tool_parser
+from thyroid_det.utils.cli import check_dataset, cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("thyroid_det.classifier_study")
@@ -175,12 +174,9 @@ def scores(y_true, y_prob):
 
 def split_records(dataset, test_dataset, seed):
     """(train, test) records: two datasets, or one split 8:2 by image, stratified."""
-    for name in filter(None, (dataset, test_dataset)):
-        if name not in DatasetCatalog.list():
-            raise SystemExit(f"classifier_study.py: error: dataset {name!r} is not registered")
-    records = DatasetCatalog.get(dataset)
+    records = check_dataset(dataset)
     if test_dataset:
-        return records, DatasetCatalog.get(test_dataset)
+        return records, check_dataset(test_dataset)
     folds = kfold_assign(records, k=5, seed=seed)
     return [r for r, f in zip(records, folds) if f != 0], [
         r for r, f in zip(records, folds) if f == 0

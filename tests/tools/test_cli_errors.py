@@ -165,6 +165,9 @@ def test_kfold_split_reads_coco_as_training_does(tmp_path, tool):
     assert sum(len(f["images"]) for f in folds) == 6
     assert sum(len(f["annotations"]) for f in folds) == 5
     assert all(a["bbox"][2] > 0 for f in folds for a in f["annotations"])
+    with pytest.raises(SystemExit, match="^kfold_split.py: error: 9 folds of 6 images: k-fold"):
+        kfold_split.main(["--coco-json", str(coco), "--image-root", str(coco.parent), "--k", "9",
+                          "--output-dir", str(tmp_path / "folds9")])  # fmt: skip
 
 
 def test_fit_priors_never_writes_over_an_input(tmp_path, tool):

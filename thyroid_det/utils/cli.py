@@ -29,11 +29,14 @@ class UnknownDatasetError(LookupError):
 
 def _user_errors():
     # Imported when a tool runs: this module is imported by tools before the plugin registers.
+    from ..data.datasets.kfold import FoldCountError
     from ..data.datasets.tn5000 import DatasetFormatError
     from ..engine.checkpoint import CheckpointError
     from ..engine.defaults import ConfigError
 
-    return (ConfigError, DatasetFormatError, UnknownDatasetError, CheckpointError, OSError)
+    return (
+        ConfigError, DatasetFormatError, UnknownDatasetError, FoldCountError, CheckpointError, OSError
+    )
 
 
 def one_line(error):

@@ -6,7 +6,11 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["kfold_assign", "kfold_splits", "register_kfold_datasets"]
+__all__ = ["FoldCountError", "kfold_assign", "kfold_splits", "register_kfold_datasets"]
+
+
+class FoldCountError(ValueError):
+    """A number of folds the records cannot fill: a user's choice, reported on one line."""
 
 
 def kfold_assign(records, k=5, seed=0, positive_class=1):
@@ -21,9 +25,14 @@ def kfold_assign(records, k=5, seed=0, positive_class=1):
 
     Returns:
         list[int]: the fold of ``records[i]``.
+
+    Raises:
+        FoldCountError: ``k`` < 2 or more folds than records.
     """
     if not 2 <= k <= len(records):
-        raise ValueError(f"k-fold needs 2 <= k <= number of records; got k={k}, {len(records)}.")
+        raise FoldCountError(
+            f"{k} folds of {len(records)} images: k-fold needs 2 <= k <= the number of images"
+        )
     order = sorted(
         range(len(records)),
         key=lambda i: (str(records[i].get("image_id")), records[i]["file_name"]),
