@@ -53,7 +53,6 @@ import os
 import sys
 
 import cv2
-import numpy as np
 import tqdm
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import convert_image_to_rgb

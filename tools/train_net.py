@@ -10,22 +10,18 @@ import logging
 import os
 
 import detectron2.utils.comm as comm
-from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_coco_datasets
 from thyroid_det.engine import CheckpointError, Checkpointer, Trainer, launch, setup_cfg
 from thyroid_det.engine.defaults import load_cfg
-from thyroid_det.utils.cli import cli_errors
+from thyroid_det.utils.cli import check_dataset, cli_errors
 
 
 def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
-        resumes = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-        if not cfg.MODEL.WEIGHTS and not resumes:  # detectron2 would evaluate random weights
-            raise CheckpointError("--eval-only needs weights: MODEL.WEIGHTS is empty")
         model = Trainer.build_model(cfg)
         Checkpointer(
             model, cfg.OUTPUT_DIR, require_all_weights=True, weight_average=True
@@ -41,29 +37,43 @@ def main(args):
     return trainer.train()
 
 
-def check_inputs(cfg, args):
+def check_eval_weights(cfg, args):
     """
-    Load the run's data sets and find its ``--eval-only`` weights here, before several processes
-    start: a missing or broken data set then stops the run at once, and each process does not
-    repeat the load only to fail. The loaders' warnings are left to the run's main process.
+    ``--eval-only`` needs weights: detectron2 would score a random model for an empty
+    ``MODEL.WEIGHTS``, and a missing file is better named before any process starts.
 
     Raises:
-        what the data set loaders raise (DatasetFormatError, FileNotFoundError, ...);
-        CheckpointError: ``--eval-only`` weights that do not exist.
+        CheckpointError: ``MODEL.WEIGHTS`` empty or not a file (unless ``--resume`` finds the
+            run's last checkpoint).
+    """
+    weights = cfg.MODEL.WEIGHTS
+    if not args.eval_only or (
+        args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    ):
+        return
+    if not weights:
+        raise CheckpointError("--eval-only needs weights: MODEL.WEIGHTS is empty")
+    if "://" not in weights and not os.path.isfile(weights):
+        raise CheckpointError(f"checkpoint {weights} not found")
+
+
+def check_datasets(cfg, args):
+    """
+    Load the run's data sets before several processes start: a missing or broken data set then
+    stops the run at once, and each process does not repeat the load only to fail. The loaders'
+    warnings are left to the run's main process.
+
+    Raises:
+        what :func:`~thyroid_det.utils.cli.check_dataset` raises.
     """
     register_coco_datasets(cfg)
     names = [*([] if args.eval_only else cfg.DATASETS.TRAIN), *cfg.DATASETS.TEST]
     logging.disable(logging.WARNING)
     try:
         for name in dict.fromkeys(names):
-            DatasetCatalog.get(name)
+            check_dataset(name, need_images=False)  # the mapper names a missing image itself
     finally:
         logging.disable(logging.NOTSET)
-    weights = cfg.MODEL.WEIGHTS
-    resumes = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    if args.eval_only and not resumes and weights and "://" not in weights:
-        if not os.path.isfile(weights):
-            raise CheckpointError(f"checkpoint {weights} not found")
 
 
 @cli_errors("train_net.py")
@@ -74,8 +84,9 @@ def run(argv=None):
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
     cfg = load_cfg(args)
+    check_eval_weights(cfg, args)
     if args.num_gpus * args.num_machines > 1:
-        check_inputs(cfg, args)
+        check_datasets(cfg, args)
     return launch(
         main,
         args.num_gpus,

@@ -171,9 +171,7 @@ def test_predictor_outputs_are_in_the_original_frame(predictor):
         assert torch.equal(inst.pred_classes, inst.fine_probs.argmax(dim=1))
 
     bgr = np.repeat(image[:, :, None], 3, axis=2)
-    aug_input = T.AugInput(bgr)
-    pred.aug(aug_input)
-    resized = aug_input.image
+    resized = pred.aug.get_transform(bgr).apply_image(bgr)
     tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
     with torch.no_grad():
         direct = pred.model([{"image": tensor}])[0]["instances"]

@@ -107,8 +107,7 @@ def test_check_dataset_names_the_set_and_the_problem(tmp_path):
     for name, load in sets.items():
         if name not in DatasetCatalog.list():
             DatasetCatalog.register(name, load)
-    with pytest.raises(DatasetFormatError, match="^cannot load dataset 'test_cli_broken': "
-                       "RuntimeError: first line$"):  # fmt: skip
+    with pytest.raises(RuntimeError, match="^first line"):  # a loader's bug keeps its traceback
         check_dataset("test_cli_broken")
     with pytest.raises(DatasetFormatError, match="'test_cli_empty' has no images"):
         check_dataset("test_cli_empty")

@@ -28,7 +28,7 @@ class Predictor:
     (refusing a checkpoint that leaves model weights uninitialised; a periodic checkpoint's EMA
     average: :func:`~thyroid_det.engine.load_inference_weights`) and applies the malignancy
     temperature. It has DefaultPredictor's attributes (``cfg``, ``model``, ``metadata``,
-    ``input_format``, and ``aug``, here an ``AugmentationList``: call it on a ``T.AugInput``).
+    ``input_format``, ``aug``).
 
     Accepted images (uint8 unless noted):
 
@@ -52,7 +52,9 @@ class Predictor:
         attach_malignancy_temperature(self.model, self.malignancy_temperature)
         # SSDDatasetMapper's test-time augmentation, not DefaultPredictor's ResizeShortestEdge:
         # the peers would otherwise see the aspect ratio kept, an image they were never scored on.
-        self.aug = T.AugmentationList(build_ssd_augmentation(cfg, is_train=False))
+        augs = build_ssd_augmentation(cfg, is_train=False)
+        # One Augmentation, as DefaultPredictor's: callers use ``aug.get_transform(image)``.
+        self.aug = augs[0] if len(augs) == 1 else T.AugmentationList(augs)
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("L", "BGR", "RGB"):
             raise ValueError(f"Predictor: unsupported INPUT.FORMAT {self.input_format!r}")

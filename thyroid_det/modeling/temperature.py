@@ -55,10 +55,11 @@ def attach_malignancy_temperature(model, temperature):
 
 def read_checkpoint_temperature(path):
     """The checkpoint's ``"malignancy_temperature"`` entry, or None (none, or not a .pth)."""
+    from ..engine.checkpoint import read_checkpoint  # engine imports modeling
+
     if not path or not path.endswith(".pth") or not os.path.isfile(path):
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    value = checkpoint.get(TEMPERATURE_KEY) if isinstance(checkpoint, dict) else None
+    value = read_checkpoint(path).get(TEMPERATURE_KEY)
     return float(value) if value is not None else None
 
 

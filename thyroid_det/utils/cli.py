@@ -11,7 +11,7 @@ import argparse
 import functools
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
 __all__ = [
     "UnknownDatasetError",
@@ -154,8 +154,8 @@ def check_dataset(name, need_images=True):
 
     Raises:
         UnknownDatasetError: ``name`` is not registered.
-        DatasetFormatError: the data set cannot be loaded, has no images, or (``need_images``)
-            names an image that does not exist; the message names the file and the problem.
+        DatasetFormatError, OSError: the data set cannot be loaded (the loader's error), has no
+            images, or (``need_images``) names an image that does not exist.
     """
     from ..data.datasets.tn5000 import DatasetFormatError
 
@@ -164,15 +164,9 @@ def check_dataset(name, need_images=True):
             f"dataset {name!r} is not registered "
             f"(registered: {', '.join(sorted(DatasetCatalog.list()))})"
         )
-    try:
-        records = DatasetCatalog.get(name)
-    except DatasetFormatError:  # the loader's own message names the file and the problem
-        raise
-    except Exception as e:  # a malformed file: name it and the cause, not a deep traceback
-        source = MetadataCatalog.get(name).get("coco_json", name)
-        raise DatasetFormatError(
-            f"cannot load dataset {source!r}: {type(e).__name__}: {one_line(e)}"
-        ) from None
+    # The loaders name the file and the problem (DatasetFormatError, OSError); anything else they
+    # raise is a bug and keeps its traceback.
+    records = DatasetCatalog.get(name)
     if not records:
         raise DatasetFormatError(f"dataset {name!r} has no images")
     if need_images:

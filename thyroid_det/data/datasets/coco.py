@@ -27,7 +27,7 @@ def load_coco(json_file, image_root, dataset_name=None):
       not describe that image: DatasetFormatError;
     * an image file that exists but cannot be read raises DatasetFormatError naming it.
 
-    Images that are missing are left to the reader (and tools/evaluate.py's check). DICOM images
+    Images that are missing are left to the reader (and the tools' check_dataset). DICOM images
     get their calibration and frame (an image entry's optional ``"frame"``, 0-based):
     :func:`~thyroid_det.data.dicom.add_dicom_fields`.
     """
