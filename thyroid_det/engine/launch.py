@@ -24,7 +24,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
-from ..utils.cli import _user_errors
+from ..utils.cli import user_errors
 
 __all__ = ["launch"]
 
@@ -70,7 +70,7 @@ def _record_user_error(main_func, errors, *args):
     for :func:`launch` to raise (torch passes back only its traceback, as text)."""
     try:
         return main_func(*args)
-    except _user_errors() as e:
+    except user_errors() as e:
         try:
             data = pickle.dumps(e)
             pickle.loads(data)

@@ -20,6 +20,7 @@ __all__ = [
     "check_output_file",
     "cli_errors",
     "config_tool_parser",
+    "user_errors",
 ]
 
 
@@ -27,8 +28,10 @@ class UnknownDatasetError(LookupError):
     """A data set named on the command line that is not registered."""
 
 
-def _user_errors():
-    # Imported when a tool runs: this module is imported by tools before the plugin registers.
+def user_errors():
+    """The exception types a user's mistake raises (a config, a data set, a checkpoint, a file),
+    which tools print on one line; imported when a tool runs, as tools import this module before
+    the plugin registers."""
     from ..data.datasets.kfold import FoldCountError
     from ..data.datasets.tn5000 import DatasetFormatError
     from ..engine.checkpoint import CheckpointError
@@ -59,7 +62,7 @@ def cli_errors(tool):
         def run(*args, **kwargs):
             try:
                 return main(*args, **kwargs)
-            except _user_errors() as e:
+            except user_errors() as e:
                 if os.environ.get("THYROID_DET_TRACEBACK"):
                     raise
                 raise SystemExit(f"{tool}: error: {one_line(e)}") from None
