@@ -78,8 +78,8 @@ def check_datasets(cfg, args):
 
 @cli_errors("train_net.py")
 def run(argv=None):
-    """Check the config (and, for several processes, the data sets and weights) before any
-    process starts, then :func:`main` on every process (CPU processes, gloo, where there is no
+    """Check the config and the ``--eval-only`` weights (and, for several processes, the data
+    sets) before any process starts, then :func:`main` on every process (CPU processes, gloo, where there is no
     GPU); a user error in a process ends the tool on one line as it does in one process."""
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
