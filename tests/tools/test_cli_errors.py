@@ -229,3 +229,20 @@ def test_train_net_eval_only_refuses_to_evaluate_random_weights(tmp_path, tool, 
         "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path / "o")]  # fmt: skip
     with pytest.raises(SystemExit, match="^train_net.py: error: --eval-only needs weights"):
         train_net.run(argv)
+
+
+def test_train_net_names_a_dist_url_port_in_use(tmp_path, tool, tiny_opts, phantom_root):
+    """detectron2's default ``--dist-url`` is one port per user: a second run on the machine
+    ends on one line that says so, before any process starts."""
+    import socket
+
+    train_net = tool("train_net")
+    with socket.socket() as other_run:
+        other_run.bind(("127.0.0.1", 0))
+        other_run.listen()
+        url = f"tcp://127.0.0.1:{other_run.getsockname()[1]}"
+        argv = ["--config-file", BASE, "--num-gpus", "2", "--dist-url", url] + tiny_opts + [
+                "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "o")]  # fmt: skip
+        with pytest.raises(SystemExit, match=r"^train_net.py: error: port already in use .*"
+                           r"--dist-url auto picks a free port\): " + re.escape(url) + "$"):
+            train_net.run(argv)

@@ -9,12 +9,15 @@ A user's mistake that stops a process (a missing data set, a broken checkpoint: 
 process as itself, not as torch's ProcessRaisedException around the process's traceback, so that
 a tool reports it as it does with one process.
 """
+import errno
 import faulthandler
 import functools
 import gc
 import os
 import pickle
+import socket
 import tempfile
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -41,6 +44,8 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         return d2_launch(
             main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args
         )
+    if num_machines == 1:
+        check_port_free(dist_url)
     with tempfile.TemporaryDirectory(prefix="thyroid_det_launch_") as errors:
         main_func = functools.partial(_record_user_error, main_func, errors)
         try:
@@ -63,6 +68,33 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
             if error is None:
                 raise
             raise error from e
+
+
+def check_port_free(dist_url):
+    """
+    detectron2's parser gives ``--dist-url`` one fixed port per user, so a second run on the
+    same machine would fail deep inside torch with "address already in use"; say so first.
+
+    Raises:
+        OSError: the ``tcp://`` URL's port is already listened on.
+    """
+    url = urlparse(dist_url or "")
+    if url.scheme != "tcp" or not url.port:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # A port left in TIME_WAIT by a finished run is free to bind; a listening one is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((url.hostname or "127.0.0.1", url.port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # not ours to judge (a remote host name, say): torch reports it
+            raise OSError(
+                errno.EADDRINUSE,
+                "port already in use (another run on this machine? --dist-url auto picks a free "
+                "port)",
+                dist_url,
+            ) from None
 
 
 def _record_user_error(main_func, errors, *args):
