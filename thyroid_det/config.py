@@ -114,7 +114,7 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.NMS_THRESH_TEST = 0.45
     # NMS per class, as SSD: a nodule may be reported once per class, so per-class AP ranks
     # every nodule under both classes. True: one box per nodule with its most likely class
-    # (README, "One box per nodule").
+    # (docs/experiments.md, "One box per nodule").
     _C.MODEL.SSD.CLASS_AGNOSTIC_NMS = False
 
     # ---------------------------------------------------------------------------------------
