@@ -155,6 +155,10 @@ def add_mccnn_config(cfg):
     _C.MODEL.REFINER.DETECTION_IOU = 0.5
     # Training: at most this many crops per image.
     _C.MODEL.REFINER.BATCH_SIZE_PER_IMAGE = 16
+    # Training: weight of each class's crops in the refiner's cross-entropy, in NUM_CLASSES order
+    # (benign, malignant); empty: all 1. A weighted mean, so only the ratio matters (what it
+    # did: docs/experiments.md, "Weighting the refiner's classes").
+    _C.MODEL.REFINER.CLASS_WEIGHTS = []
 
     # ---------------------------------------------------------------------------------------
     # The MC-CNN cascade

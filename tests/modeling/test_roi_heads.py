@@ -1,5 +1,6 @@
 """RefinerROIHeads: crops, fusion, training crops, inference fields, RPN proposals."""
 import math
+import re
 
 import pytest
 import torch
@@ -253,6 +254,30 @@ def test_training_loss_backward_and_empty_batch():
     assert roi.refiner.dummy.grad is not None
     _, losses = roi(images, {}, [detections([], [], [], [])], [targets([], [])])
     assert losses["loss_refiner"].item() == 0.0 and losses["loss_refiner"].requires_grad
+
+
+def test_class_weights_set_the_balance_of_the_refiners_loss():
+    """MODEL.REFINER.CLASS_WEIGHTS: each crop's cross-entropy weighted by its class, as a
+    weighted mean; invalid weights are refused when the heads are built."""
+    images = ImageList(torch.randn(1, 1, 64, 64), [(64, 64)])
+    gts = [targets([[10, 10, 30, 30], [40, 40, 60, 60]], [0, 1])]
+    probs = [0.2, 0.8]
+    loss = {}
+    for weights in ((), (3.0, 1.0), (6.0, 2.0)):
+        torch.manual_seed(0)
+        roi = heads(FixedProbs(probs), gt_jitter_copies=0, class_weights=weights).train()
+        _, losses = roi(images, {}, [detections([], [], [], [])], gts)
+        loss[weights] = losses["loss_refiner"].item()
+    benign, malignant = -math.log(0.2), -math.log(0.8)
+    assert loss[()] == pytest.approx((benign + malignant) / 2, rel=1e-5)
+    assert loss[(3.0, 1.0)] == pytest.approx((3 * benign + malignant) / 4, rel=1e-5)
+    assert loss[(6.0, 2.0)] == pytest.approx(loss[(3.0, 1.0)], rel=1e-6)  # only the ratio counts
+    for bad, problem in (([2.0], "one weight per foreground class"), ([0.0, 1.0], "> 0")):
+        with pytest.raises(ValueError, match=f"REFINER.CLASS_WEIGHTS.*{re.escape(problem)}"):
+            heads(FixedProbs(probs), class_weights=bad)
+    cfg = refiner_cfg()
+    cfg.MODEL.REFINER.CLASS_WEIGHTS = [2.4, 1.0]
+    assert build_roi_heads(cfg, None).class_weights == (2.4, 1.0)
 
 
 def refiner_cfg():

@@ -20,13 +20,13 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
 from ..atss_matcher import ATSSMatcher
+from ..class_weights import check_class_weights
 from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
 from .ssd_head import SSDHead
 from .ssd_inference import ssd_inference_single_image
 from .ssd_loss import (
     BOX_REG_LOSS_TYPES,
     build_anchor_matcher,
-    check_class_weights,
     label_anchors,
     multibox_loss,
 )

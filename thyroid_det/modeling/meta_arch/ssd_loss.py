@@ -1,7 +1,6 @@
 """SSD's multibox loss: anchors labelled by IoU, smooth-L1 (or an IoU-type loss) on positives, and
 cross-entropy on positives and hard negatives (or RetinaNet's sigmoid focal loss on every anchor
 not ignored)."""
-import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..atss_matcher import ATSSMatcher
+from ..class_weights import check_class_weights
 
 __all__ = [
     "BOX_REG_LOSS_TYPES",
@@ -100,22 +100,6 @@ def hard_negative_mask(
     ranked = loss.masked_fill(~negatives, float("-inf"))
     rank = ranked.argsort(dim=1, descending=True).argsort(dim=1)
     return rank < num_neg[:, None]
-
-
-def check_class_weights(class_weights: Sequence[float], num_classes: int) -> Tuple[float, ...]:
-    """MODEL.SSD.CLASS_WEIGHTS as floats: none, or one finite positive weight per foreground
-    class (a zero or negative weight would silence or invert a class's loss)."""
-    weights = tuple(float(w) for w in class_weights)
-    if weights and len(weights) != num_classes:
-        raise ValueError(
-            f"MODEL.SSD.CLASS_WEIGHTS {list(weights)}: expected one weight per foreground class "
-            f"({num_classes}) or none"
-        )
-    if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise ValueError(
-            f"MODEL.SSD.CLASS_WEIGHTS {list(weights)}: every weight must be finite and > 0"
-        )
-    return weights
 
 
 def _anchor_class_weights(

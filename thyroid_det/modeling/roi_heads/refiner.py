@@ -1,6 +1,6 @@
 """ROI heads that crop each detection from the input image, classify the crop with the refiner
 Ef and fuse its probabilities with the detector's coarse ones (paper III-IV, eq. 7)."""
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from torch import nn
 from torchvision.ops import roi_align
 
+from ..class_weights import check_class_weights
 from ..model_input import luma_enabled, to_luma
 from ..refiner_nets import build_refiner
 
@@ -117,7 +118,8 @@ class RefinerROIHeads(nn.Module):
     copies of each, and the proposals that match a ground truth with IoU >= ``detection_iou``
     (labelled with that ground truth's class), at most ``batch_size_per_image`` of them,
     ground-truth boxes first. Ef has no background class, so unmatched proposals are not used.
-    Loss: cross-entropy, "loss_refiner".
+    Loss: cross-entropy, "loss_refiner", each crop weighted by its class's ``class_weights``
+    (PyTorch's weighted mean: the weights set the classes' balance, not the loss's scale).
 
     Inference: the ``proposals_per_image`` proposals of highest objectness are kept, with their
     boxes unchanged; the output adds ``coarse_probs`` (the proposals' class_probs; uniform when
@@ -150,6 +152,7 @@ class RefinerROIHeads(nn.Module):
         proposals_per_image: int = 100,
         keep_input_classes: bool = False,
         luma_format: Optional[str] = None,
+        class_weights: Sequence[float] = (),
     ):
         """
         Args:
@@ -172,6 +175,7 @@ class RefinerROIHeads(nn.Module):
                 MODEL.SSD.CLASS_AGNOSTIC_NMS False).
             luma_format: "BGR" or "RGB": 3-channel crops (from a meta-architecture that kept
                 colour, e.g. GeneralizedRCNN) become one luma channel for a 1-channel refiner.
+            class_weights: one weight per class for the training loss; empty: unweighted.
         """
         super().__init__()
         if fusion not in FUSION_MODES:
@@ -193,6 +197,9 @@ class RefinerROIHeads(nn.Module):
         self.proposals_per_image = proposals_per_image
         self.keep_input_classes = keep_input_classes
         self.luma_format = luma_format
+        self.class_weights = check_class_weights(
+            class_weights, num_classes, "MODEL.REFINER.CLASS_WEIGHTS"
+        )
         self.matcher = Matcher([detection_iou], [0, 1], allow_low_quality_matches=False)
 
     @classmethod
@@ -220,6 +227,7 @@ class RefinerROIHeads(nn.Module):
             "proposals_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "keep_input_classes": keep_input_classes,
             "luma_format": cfg.INPUT.FORMAT if luma_enabled(cfg) else None,
+            "class_weights": cfg.MODEL.REFINER.CLASS_WEIGHTS,
         }
 
     def forward(
@@ -286,7 +294,10 @@ class RefinerROIHeads(nn.Module):
             return {"loss_refiner": sum(p.sum() for p in self.refiner.parameters()) * 0.0}
         crops = self.crops(images.tensor.detach(), crop_boxes)
         logits = self.refiner(crops)
-        return {"loss_refiner": F.cross_entropy(logits, labels.long())}
+        weight = None
+        if self.class_weights:
+            weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device)
+        return {"loss_refiner": F.cross_entropy(logits, labels.long(), weight=weight)}
 
     def crops(self, images: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
         """:func:`crop_and_resize` at the refiner's size (``test_input_size`` at inference), in
