@@ -13,13 +13,15 @@ from ..evaluation import build_evaluators
 from .checkpoint import Checkpointer
 from .ema import ModelEMAHook
 from .hooks import CascadeStageHook, build_cascade_lr_scheduler, unwrap_model
+from .optimizer import build_optimizer
 from .progress import TrainingProgressHook
 
 
 class Trainer(DefaultTrainer):
     """Overrides only the loaders (SSD augmentation, fixed input size), the evaluators (COCO AP
-    plus per-nodule clinical metrics), the hooks (training progress, optional weight EMA, and
-    for the cascade its stage) and the cascade's learning-rate restart at the stage change."""
+    plus per-nodule clinical metrics), the optimizer (SGD or AdamW), the hooks (training
+    progress, optional weight EMA, and for the cascade its stage) and the cascade's learning-rate
+    restart at the stage change."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -53,6 +55,10 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluators(cfg, dataset_name, output_folder, distributed=comm.get_world_size() > 1)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

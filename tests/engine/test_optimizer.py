@@ -1,0 +1,87 @@
+"""SOLVER.OPTIMIZER: detectron2's SGD by default, AdamW on request, both with detectron2's
+parameter groups and gradient clipping; the trainer trains with the one the config names."""
+import pytest
+import torch
+from torch import nn
+
+from thyroid_det.engine.optimizer import build_optimizer
+
+from ..conftest import make_cfg
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2))
+
+
+def optimizer_cfg(**solver):
+    cfg = make_cfg()
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    for key, value in solver.items():
+        cfg.SOLVER[key] = value
+    return cfg
+
+
+def test_sgd_is_the_default_and_detectron2s():
+    cfg = make_cfg()
+    assert cfg.SOLVER.OPTIMIZER == "SGD"
+    optimizer = build_optimizer(optimizer_cfg(), small_model())
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(group["momentum"] == cfg.SOLVER.MOMENTUM for group in optimizer.param_groups)
+
+
+def test_adamw_takes_the_weight_decay_betas_and_norm_groups():
+    optimizer = build_optimizer(
+        optimizer_cfg(OPTIMIZER="AdamW", ADAMW_BETAS=(0.8, 0.99)), small_model()
+    )
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decays = sorted({group["weight_decay"] for group in optimizer.param_groups})
+    assert decays == [0.0, 0.05]  # GroupNorm's parameters take WEIGHT_DECAY_NORM
+    assert all(group["betas"] == (0.8, 0.99) for group in optimizer.param_groups)
+    assert all(group["lr"] == 0.01 for group in optimizer.param_groups)
+
+
+def test_adamw_clips_gradients_as_configured():
+    cfg = optimizer_cfg(OPTIMIZER="AdamW")
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    model = small_model()
+    optimizer = build_optimizer(cfg, model)
+    (model(torch.randn(8, 3)) * 1e4).sum().backward()
+    assert max(p.grad.norm() for p in model.parameters()) > 1.0
+    optimizer.step()
+    assert max(p.grad.norm() for p in model.parameters()) <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "solver, message",
+    [
+        ({"OPTIMIZER": "Adam"}, "SOLVER.OPTIMIZER must be one of"),
+        ({"OPTIMIZER": "AdamW", "ADAMW_BETAS": (0.9, 1.5)}, "SOLVER.ADAMW_BETAS must be"),
+    ],
+)
+def test_bad_settings_name_the_key(solver, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(optimizer_cfg(**solver), small_model())
+
+
+def test_the_trainer_trains_with_adamw(tmp_path, phantom_root, tiny_opts):
+    from thyroid_det.engine import Trainer
+
+    cfg = make_cfg("mssd_vgg16_synthetic.yaml")
+    data = ["DATASETS.TRAIN", "('synthetic_tiny',)", "DATASETS.TEST", "()"]
+    schedule = [
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()",
+        "SOLVER.WARMUP_ITERS", "0", "SOLVER.OPTIMIZER", "AdamW",
+    ]
+    cfg.merge_from_list(tiny_opts + data + schedule + ["OUTPUT_DIR", str(tmp_path)])
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    assert trainer.optimizer.state  # AdamW's moments exist after the steps
