@@ -174,16 +174,16 @@ def add_mccnn_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Training
     # ---------------------------------------------------------------------------------------
-    # Exponential moving average of the weights; the average is what evaluation and
-    # model_final.pth hold. A periodic checkpoint keeps the step's own weights as its model (to
-    # resume) and the average beside them, which inference (evaluate.py, predict.py,
-    # --eval-only) loads. DECAY: weight of the old average per step (window ~1 / (1 - DECAY)).
     # "SGD" (detectron2's, with SOLVER.MOMENTUM) or "AdamW"; both take detectron2's parameter
     # groups and SOLVER.CLIP_GRADIENTS. With AdamW, SOLVER.WEIGHT_DECAY is its decoupled weight
     # decay (AdamW recipes use about 0.05, not SGD's 1e-4 to 5e-4).
     _C.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2): decay of its running gradient mean and squared-gradient mean.
     _C.SOLVER.ADAMW_BETAS = (0.9, 0.999)
+    # Exponential moving average of the weights; the average is what evaluation and
+    # model_final.pth hold. A periodic checkpoint keeps the step's own weights as its model (to
+    # resume) and the average beside them, which inference (evaluate.py, predict.py,
+    # --eval-only) loads. DECAY: weight of the old average per step (window ~1 / (1 - DECAY)).
     _C.SOLVER.EMA = CN()
     _C.SOLVER.EMA.ENABLED = False
     _C.SOLVER.EMA.DECAY = 0.999
