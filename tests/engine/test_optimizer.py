@@ -1,5 +1,7 @@
 """SOLVER.OPTIMIZER: detectron2's SGD by default, AdamW on request, both with detectron2's
 parameter groups and gradient clipping; the trainer trains with the one the config names."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -41,6 +43,51 @@ def test_adamw_takes_the_weight_decay_betas_and_norm_groups():
     assert decays == [0.0, 0.05]  # GroupNorm's parameters take WEIGHT_DECAY_NORM
     assert all(group["betas"] == (0.8, 0.99) for group in optimizer.param_groups)
     assert all(group["lr"] == 0.01 for group in optimizer.param_groups)
+
+
+def test_the_cpu_recipe_trains_with_adamw_and_the_gpu_recipe_with_sgd():
+    """mccnn_cpu.yaml's AdamW was measured over three seeds on the CPU; mccnn.yaml, never run
+    with it on a GPU, keeps SGD and its small weight decay."""
+    cpu = build_optimizer(make_cfg("mccnn_cpu.yaml"), small_model())
+    assert isinstance(cpu, torch.optim.AdamW)
+    assert sorted({group["weight_decay"] for group in cpu.param_groups}) == [0.0, 0.05]
+    gpu = build_optimizer(make_cfg("mccnn.yaml"), small_model())
+    assert isinstance(gpu, torch.optim.SGD)
+    assert max(group["weight_decay"] for group in gpu.param_groups) < 0.01
+
+
+def test_adamw_takes_torchs_fused_kernel_and_makes_the_same_update():
+    """The fused kernel, several times faster per step on the CPU, matches torch's per-tensor
+    loop with the same parameter groups."""
+    model = small_model()
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(optimizer_cfg(OPTIMIZER="AdamW"), model)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    twins = list(reference.parameters())
+    loop = torch.optim.AdamW(
+        [
+            {
+                "params": [twins[index[id(p)]] for p in group["params"]],
+                "weight_decay": group["weight_decay"],
+            }
+            for group in optimizer.param_groups
+        ],
+        lr=0.01,
+        foreach=False,
+    )
+    x = torch.randn(8, 3)
+    for _ in range(3):
+        for net, opt in ((model, optimizer), (reference, loop)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    assert not torch.equal(next(model.parameters()), next(small_model().parameters()))
+    amp = optimizer_cfg(OPTIMIZER="AdamW")
+    amp.SOLVER.AMP.ENABLED = True  # a GradScaler would leave a fused step's gradients scaled
+    assert not any(group["fused"] for group in build_optimizer(amp, small_model()).param_groups)
 
 
 def test_adamw_clips_gradients_as_configured():
