@@ -58,7 +58,7 @@ def test_the_cpu_recipe_trains_with_adamw_and_the_gpu_recipe_with_sgd():
 
 def test_adamw_takes_torchs_fused_kernel_and_makes_the_same_update():
     """The fused kernel, several times faster per step on the CPU, matches torch's per-tensor
-    loop with the same parameter groups."""
+    loop with the same parameter groups; under AMP the optimizer is torch's default one."""
     model = small_model()
     reference = copy.deepcopy(model)
     optimizer = build_optimizer(optimizer_cfg(OPTIMIZER="AdamW"), model)
