@@ -187,6 +187,17 @@ def add_mccnn_config(cfg):
     _C.SOLVER.EMA = CN()
     _C.SOLVER.EMA.ENABLED = False
     _C.SOLVER.EMA.DECAY = 0.999
+    # Fit the schedule to a time budget (engine/budget.py). Before training, time
+    # CALIBRATION_ITERS steps (after a few unmeasured), predict the training minutes as MAX_ITER
+    # times that step, and when they exceed MINUTES shrink SOLVER.MAX_ITER, SOLVER.STEPS,
+    # MODEL.MCCNN.DETECTOR_ITERS, TEST.EVAL_PERIOD and SOLVER.CHECKPOINT_PERIOD by one factor to
+    # fit. Never lengthens a schedule; the fit is saved as OUTPUT_DIR/time_budget.json and reused
+    # by --resume. MINUTES (whole minutes; 0: off) counts training steps only, as
+    # progress/train_minutes does, not the evaluations or the timing itself.
+    _C.SOLVER.TIME_BUDGET = CN()
+    _C.SOLVER.TIME_BUDGET.MINUTES = 0
+    # Steps timed; their median is the step time (about a minute of a 2-core CPU at 30).
+    _C.SOLVER.TIME_BUDGET.CALIBRATION_ITERS = 30
 
     # ---------------------------------------------------------------------------------------
     # Clinical evaluation

@@ -15,6 +15,7 @@ from detectron2.engine import default_argument_parser
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_coco_datasets
 from thyroid_det.engine import CheckpointError, Checkpointer, Trainer, launch, setup_cfg
+from thyroid_det.engine.budget import fit_schedule_to_budget
 from thyroid_det.engine.defaults import load_cfg
 from thyroid_det.utils.cli import check_dataset, cli_errors
 
@@ -32,6 +33,7 @@ def main(args):
 
             verify_results(cfg, res)
         return res
+    cfg = fit_schedule_to_budget(cfg, Trainer, resume=args.resume)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
