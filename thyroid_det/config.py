@@ -196,7 +196,7 @@ def add_mccnn_config(cfg):
     # progress/train_minutes does, not the evaluations or the timing itself.
     _C.SOLVER.TIME_BUDGET = CN()
     _C.SOLVER.TIME_BUDGET.MINUTES = 0
-    # Steps timed; their median is the step time (about a minute of a 2-core CPU at 30).
+    # Steps timed; their mean is the step time (about a minute of a 2-core CPU at 30).
     _C.SOLVER.TIME_BUDGET.CALIBRATION_ITERS = 30
 
     # ---------------------------------------------------------------------------------------
