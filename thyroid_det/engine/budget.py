@@ -70,7 +70,7 @@ def measure_seconds_per_iter(trainer_class, cfg, iters):
     """Mean seconds per training step over ``iters`` steps of ``trainer_class(cfg)`` after a
     few unmeasured ones (the data loader's start), on every process; the slowest process's.
     The mean, not the median: the run's minutes add up its slow steps (a late batch, a
-    collection) too, and on the CPU the median ran 5% under the mean."""
+    collection) too, and on the CPU the median ran 5% under the mean.
     Only the hooks a step needs run (stage, learning rate, weight average): nothing is
     evaluated or written, and the model is thrown away."""
     from detectron2.engine import hooks
