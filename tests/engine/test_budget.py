@@ -61,9 +61,9 @@ def _iterations(out):
 
 def test_train_net_shrinks_the_schedule_to_the_budget_and_resume_keeps_it(budget_run, monkeypatch):
     run, train_net = budget_run
-    # 15 s per step: 8 steps take 2 minutes, twice the budget.
-    monkeypatch.setattr(budget, "measure_seconds_per_iter", lambda trainer, cfg, iters: 15.0)
-    out = run("SOLVER.TIME_BUDGET.MINUTES", "1")
+    # 12.5 s per step timed, 15 s with the margin of 0.2: 8 steps take 2 minutes, twice the budget.
+    monkeypatch.setattr(budget, "measure_seconds_per_iter", lambda trainer, cfg, iters: 12.5)
+    out = run("SOLVER.TIME_BUDGET.MINUTES", "1", "SOLVER.TIME_BUDGET.MARGIN", "0.2")
     fit = json.loads((out / "time_budget.json").read_text())
     assert fit["scale"] == pytest.approx(0.5) and fit["predicted_minutes"] == 2
     saved = make_cfg(str(out / "config.yaml"))
@@ -72,7 +72,7 @@ def test_train_net_shrinks_the_schedule_to_the_budget_and_resume_keeps_it(budget
 
     # --resume reuses the fit: no second timing, the same 4 iterations.
     monkeypatch.setattr(budget, "measure_seconds_per_iter", lambda *a: pytest.fail("timed again"))
-    run("SOLVER.TIME_BUDGET.MINUTES", "1", resume=True)
+    run("SOLVER.TIME_BUDGET.MINUTES", "1", "SOLVER.TIME_BUDGET.MARGIN", "0.2", resume=True)
     assert make_cfg(str(out / "config.yaml")).SOLVER.MAX_ITER == 4
 
 

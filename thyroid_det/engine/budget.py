@@ -105,7 +105,8 @@ def measure_seconds_per_iter(trainer_class, cfg, iters):
 
 def fit_schedule_to_budget(cfg, trainer_class, resume=False):
     """Shrink ``cfg``'s schedule (see :func:`fit_schedule`) so that training is predicted to take
-    at most SOLVER.TIME_BUDGET.MINUTES, after timing SOLVER.TIME_BUDGET.CALIBRATION_ITERS steps.
+    at most SOLVER.TIME_BUDGET.MINUTES, after timing SOLVER.TIME_BUDGET.CALIBRATION_ITERS steps
+    (their mean raised by SOLVER.TIME_BUDGET.MARGIN: the first steps run faster than the rest).
 
     The prediction prices every step at the calibrated Ec step (the refiner's are cheaper), so it
     errs long. The fit is saved in OUTPUT_DIR; ``resume`` reuses it instead of timing again, so
@@ -124,10 +125,12 @@ def fit_schedule_to_budget(cfg, trainer_class, resume=False):
         iters = cfg.SOLVER.TIME_BUDGET.CALIBRATION_ITERS
         logger.info(f"Timing {iters} training steps to fit the schedule to {budget:g} minutes ...")
         start = time.perf_counter()
-        seconds = measure_seconds_per_iter(trainer_class, cfg, iters)
+        timed = measure_seconds_per_iter(trainer_class, cfg, iters)
+        seconds = timed * (1 + cfg.SOLVER.TIME_BUDGET.MARGIN)
         predicted = cfg.SOLVER.MAX_ITER * seconds / 60
         fit = {
             "budget_minutes": budget,
+            "timed_seconds_per_iter": round(timed, 4),
             "seconds_per_iter": round(seconds, 4),
             "predicted_minutes": round(predicted, 2),
             "scale": min(1.0, budget / predicted),
