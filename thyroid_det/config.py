@@ -199,8 +199,9 @@ def add_mccnn_config(cfg):
     _C.SOLVER.TIME_BUDGET.MINUTES = 0
     # Steps timed; their mean is the step time (about a minute of a 2-core CPU at 30).
     _C.SOLVER.TIME_BUDGET.CALIBRATION_ITERS = 30
-    # The timed mean is raised by this fraction before the fit: on this project's 2-core machine
-    # the 30 timed steps ran 9% under the run's own (0.853 s against 0.93-0.95 over its first 340).
+    # The timed mean is raised by this fraction before the fit: on this project's 2-core machines
+    # the run's Ec steps averaged 0.4-9% above the 30 timed ones (0.895 s timed against 0.899 in
+    # run 28, 0.811 against 0.879 in run 27; docs/experiments.md, "A time budget").
     _C.SOLVER.TIME_BUDGET.MARGIN = 0.1
 
     # ---------------------------------------------------------------------------------------

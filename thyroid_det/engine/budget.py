@@ -1,7 +1,7 @@
 """Fit a training schedule to a time budget (``SOLVER.TIME_BUDGET``).
 
 A recipe such as ``mccnn_cpu.yaml`` promises an hour of 2 CPU cores, but 2-core machines differ by
-half again in speed (0.47 to 0.93 s per Ec iteration on this project's machines). With
+nearly two-fold in speed (0.47 to 0.90 s per Ec iteration on this project's machines). With
 ``SOLVER.TIME_BUDGET.MINUTES`` set, training first times a few steps on the real model, data and
 processes, then shrinks every iteration count of the schedule by one factor so that the predicted
 training time fits the budget. It never lengthens a schedule: on a fast enough machine the run is
