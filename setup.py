@@ -14,6 +14,9 @@ setup(
         "pycocotools",
         "fvcore",
         "scikit-learn",
+        # (scikit-learn's own dependency) rank statistics for the bootstrap AUC, the
+        # temperature fit's optimiser.
+        "scipy",
         "matplotlib",
         "tqdm",
         # DICOM input: pydicom, and pylibjpeg's decoders for JPEG lossless/LS and JPEG 2000

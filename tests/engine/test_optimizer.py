@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from thyroid_det.engine.optimizer import build_optimizer
+from thyroid_det.engine.optimizer import build_optimizer, clip_each_parameter_norm
 
 from ..conftest import make_cfg
 
@@ -101,6 +101,51 @@ def test_adamw_clips_gradients_as_configured():
     assert max(p.grad.norm() for p in model.parameters()) > 1.0
     optimizer.step()
     assert max(p.grad.norm() for p in model.parameters()) <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_each_parameter_is_clipped_as_torch_clips_it_alone(norm_type):
+    """The multi-tensor clip gives each gradient what clip_grad_norm_ on that parameter alone
+    gives it (detectron2's per-parameter "norm" clipping); a parameter without a gradient is
+    left alone."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(shape)) for shape in [(3, 4), (5,), (2, 2, 3), (7,)]]
+    for scale, p in zip([10.0, 0.01, 3.0], params):
+        p.grad = torch.randn_like(p) * scale
+    small = params[1].grad.clone()
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        if p.grad is not None:
+            q.grad = p.grad.clone()
+            torch.nn.utils.clip_grad_norm_(q, 1.5, norm_type)
+    clip_each_parameter_norm(params, 1.5, norm_type)
+    for p, q in zip(params[:3], twins):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert params[3].grad is None
+    assert torch.linalg.vector_norm(params[0].grad, norm_type) == pytest.approx(1.5, rel=1e-4)
+    assert torch.equal(params[1].grad, small)  # under the limit: unchanged
+
+
+def test_sgd_steps_as_detectron2s_clipped_sgd():
+    """SGD with per-parameter norm clipping makes the same updates as detectron2's own
+    build_optimizer, whose clipping loops over the parameters."""
+    from detectron2.solver import build_optimizer as detectron2_build
+
+    cfg = optimizer_cfg(MOMENTUM=0.9)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    model, reference = small_model(), small_model()
+    ours, theirs = build_optimizer(cfg, model), detectron2_build(cfg, reference)
+    x = torch.randn(8, 3)
+    for _ in range(3):
+        for net, opt in ((model, ours), (reference, theirs)):
+            opt.zero_grad()
+            (net(x) * 100).square().sum().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    assert not torch.equal(next(model.parameters()), next(small_model().parameters()))
 
 
 @pytest.mark.parametrize(

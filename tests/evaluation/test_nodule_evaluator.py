@@ -258,6 +258,29 @@ def test_bootstrap_interval_contains_the_point_estimate():
     assert m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"]
 
 
+def test_the_bootstrap_auc_is_sklearns_auc_of_each_resample():
+    """The AUC of all resamples at once equals sklearn's on each one, ties (coarse
+    probabilities) included, NaN where a resample holds one class; so the interval is the one
+    that calling sklearn resample by resample gives."""
+    from thyroid_det.evaluation.metrics import rowwise_roc_auc
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (200, 30)).astype(bool)
+    p = np.round(np.clip(y * 0.2 + rng.normal(0.4, 0.25, (200, 30)), 0, 1), 1)  # many ties
+    y[7], y[9] = True, False  # one class only
+    got = rowwise_roc_auc(y, p)
+    want = [roc_auc(t, q) for t, q in zip(y, p)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert math.isnan(got[7]) and math.isnan(got[9]) and np.isfinite(got).sum() == 198
+
+    from thyroid_det.evaluation.operating_points import percentile_interval
+
+    y1, p1 = y[0], p[0]
+    idx = np.random.default_rng(5).integers(0, 30, size=(300, 30))
+    loop = percentile_interval([roc_auc(y1[i], p1[i]) for i in idx])
+    assert bootstrap_auc_interval(y1, p1, 300, seed=5) == pytest.approx(loop, abs=1e-12)
+
+
 def test_youden_threshold():
     assert youden_threshold([0, 0, 1, 1], [0.1, 0.3, 0.35, 0.8]) == pytest.approx(0.35)
     assert math.isnan(youden_threshold([1, 1], [0.2, 0.9]))

@@ -14,6 +14,7 @@ from detectron2.utils.events import EventStorage
 from torch.nn import functional as F
 
 from thyroid_det.modeling.meta_arch.ssd import MultiScaleSSD
+from thyroid_det.utils.op_count import OpCounter
 
 from ..conftest import make_cfg
 
@@ -134,6 +135,141 @@ def test_matching_labels_and_low_quality_match(model):
     assert labels.tolist() == [[0, 2, 2, 2]]
     labels, _ = model.label_anchors(ANCHORS, [instances((64, 64), [], [])])
     assert labels.tolist() == [[2, 2, 2, 2]]
+
+
+def _matcher_image_by_image(anchors, gts, matcher, num_classes):
+    """The labelling as detectron2's Matcher gives it, one image at a time."""
+    labels, boxes = [], []
+    for gt in gts:
+        if len(gt) == 0:
+            labels.append(torch.full((len(anchors),), num_classes))
+            boxes.append(torch.zeros(len(anchors), 4))
+            continue
+        idx, match = matcher(pairwise_iou(gt.gt_boxes, anchors))
+        lab = gt.gt_classes[idx].clone()
+        lab[match == 0], lab[match == -1] = num_classes, -1
+        labels.append(lab)
+        boxes.append(gt.gt_boxes.tensor[idx])
+    return torch.stack(labels), torch.stack(boxes)
+
+
+@pytest.mark.parametrize(
+    "thresholds, labels, low_quality",
+    [([0.4], [0, 1], True), ([0.4, 0.5], [0, -1, 1], True), ([0.5], [0, 1], False)],
+)
+def test_batched_matching_is_detectron2s_matcher_per_image(thresholds, labels, low_quality):
+    """The whole batch matched at once labels every anchor as the Matcher does image by image:
+    IoU bands, ignored anchors, each nodule's best anchors with ties, an image without nodules
+    and a nodule that overlaps no anchor (whose zero-IoU anchors detectron2 makes foreground)."""
+    from detectron2.modeling.matcher import Matcher
+
+    from thyroid_det.modeling.meta_arch.ssd_loss import label_anchors
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(150, 2, generator=g) * 48
+    anchors = Boxes(torch.cat([xy, xy + 4 + torch.rand(150, 2, generator=g) * 24], dim=1))
+    anchors = Boxes(torch.cat([anchors.tensor, anchors.tensor[:10]]))  # tied best anchors
+    gts = []
+    for n in (3, 0, 1, 2):
+        xy = torch.rand(n, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + 6 + torch.rand(n, 2, generator=g) * 20], dim=1).tolist()
+        gts.append(instances((64, 64), boxes, torch.randint(0, 2, (n,), generator=g).tolist()))
+    gts.append(instances((64, 64), [[100, 100, 110, 110], [0, 0, 20, 20]], [0, 1]))
+    matcher = Matcher(thresholds, labels, allow_low_quality_matches=low_quality)
+
+    got_labels, got_boxes = label_anchors([anchors], gts, matcher, 2)
+    want_labels, want_boxes = _matcher_image_by_image(anchors, gts, matcher, 2)
+    assert torch.equal(got_labels, want_labels)
+    assert torch.equal(got_boxes, want_boxes)
+    assert (want_labels == -1).any() == (-1 in labels)
+    assert (want_labels[1] == 2).all() and (want_labels[:4] < 2).any()
+
+
+def test_batched_loss_is_the_per_image_sum(model):
+    """The multibox loss over the batch at once (one target encoding, masked sums) equals its
+    definition image by image: smooth-L1 over each image's positives, cross-entropy over its
+    positives and hard negatives, positives weighted by class."""
+    from fvcore.nn import smooth_l1_loss
+
+    from thyroid_det.modeling.meta_arch.ssd_loss import hard_negative_mask, multibox_loss
+
+    g = torch.Generator().manual_seed(1)
+    anchors = ANCHORS[0].tensor.repeat(5, 1) + torch.rand(20, 4, generator=g)
+    labels = torch.randint(0, 3, (3, 20), generator=g)
+    labels[1, :3] = -1
+    gt_boxes = anchors[None] + torch.rand(3, 20, 4, generator=g) * 2
+    logits = torch.randn(3, 20, 3, generator=g)
+    deltas = torch.randn(3, 20, 4, generator=g) * 0.3
+    b2b = model.box2box_transform
+    got = multibox_loss(
+        anchors, logits, deltas, labels, gt_boxes, num_classes=2, box2box_transform=b2b,
+        cls_loss_type="softmax_mined", neg_pos_ratio=2, focal_loss_alpha=0.25,
+        focal_loss_gamma=2.0, smooth_l1_beta=0.1, class_weights=[2.4, 1.0],
+    )
+    pos = (labels >= 0) & (labels < 2)
+    box = sum(
+        smooth_l1_loss(deltas[i][pos[i]], b2b.get_deltas(anchors, gt_boxes[i])[pos[i]], 0.1, "sum")
+        for i in range(3)
+    )
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
+    ce = ce.view(3, 20)
+    chosen = pos | hard_negative_mask(ce, labels == 2, pos.sum(1), 2)
+    weights = torch.where(pos, torch.tensor([2.4, 1.0])[labels.clamp(0, 1)], torch.ones(3, 20))
+    cls = (ce * weights)[chosen].sum()
+    assert got["loss_box_reg"].item() == pytest.approx((box / pos.sum()).item(), rel=1e-5)
+    assert got["loss_cls"].item() == pytest.approx((cls / pos.sum()).item(), rel=1e-5)
+
+
+def test_a_batch_of_one_shape_is_preprocessed_as_its_images_one_by_one():
+    """Same-shaped images (a training batch) take the batched path; mixed shapes take
+    detectron2's ImageList.from_tensors image by image; each image comes out the same."""
+    cfg = tiny_cfg()
+    cfg.INPUT.FIXED_SIZE = (64, 64)
+    model = build(cfg)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 256, (3, 48, 80), generator=g, dtype=torch.uint8) for _ in "ab")
+    odd = torch.randint(0, 256, (3, 50, 70), generator=g, dtype=torch.uint8)
+    batched = model.preprocess_image([{"image": a}, {"image": b}])
+    mixed = model.preprocess_image([{"image": b}, {"image": odd}])
+    alone = model.preprocess_image([{"image": a}])
+    assert batched.tensor.shape == (2, 1, 64, 64) and batched.image_sizes == [(64, 64)] * 2
+    torch.testing.assert_close(batched.tensor[1], mixed.tensor[0])
+    torch.testing.assert_close(batched.tensor[0], alone.tensor[0])
+    assert mixed.image_sizes == [(64, 64)] * 2
+
+
+def test_the_training_step_issues_a_fixed_number_of_operations_whatever_the_batch():
+    """Preprocessing, anchor labelling and the loss work on the whole batch: a batch of 8 issues
+    barely more operations than a batch of 2, and at most a few that would make a GPU wait.
+    Image by image (before), a GPU step at batch 32 spent longer issuing operations than
+    computing (README, "TN5000 on one GPU")."""
+    cfg = tiny_cfg()
+    cfg.INPUT.FIXED_SIZE = (64, 64)
+    model = build(cfg)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    boxes = [[8, 8, 30, 40], [30, 20, 60, 50]]
+
+    def batch(n):
+        return [
+            {
+                "image": torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8),
+                "instances": instances((64, 64), boxes[: 1 + i % 2], [1, 0][: 1 + i % 2]),
+            }
+            for i in range(n)
+        ]
+
+    counts = {}
+    with EventStorage():
+        model(batch(2))  # first-call work (cached anchors) out of the counts
+        for n in (2, 8):
+            data = batch(n)
+            with OpCounter() as counter:
+                model(data)
+            counts[n] = (counter.ops, counter.waits)
+    (small_ops, small_waits), (large_ops, large_waits) = counts[2], counts[8]
+    assert 0 <= large_ops - small_ops <= 12, counts
+    assert large_waits == small_waits <= 4, counts
 
 
 def test_losses_on_hand_built_case(model):

@@ -4,6 +4,7 @@ sklearn computes what it has (confusion matrix, ROC curve, AUC); the rest is FRO
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from .operating_points import percentile_interval
@@ -19,6 +20,7 @@ __all__ = [
     "froc_operating_points",
     "malignant_probability",
     "roc_auc",
+    "rowwise_roc_auc",
     "sensitivity_at_fp_rates",
     "size_group",
     "youden_threshold",
@@ -89,8 +91,8 @@ def youden_threshold(y_true, y_prob):
 
 
 def roc_auc(y_true, y_prob):
-    """ROC AUC (sklearn), NaN when ``y_true`` lacks either class. The one AUC of the package:
-    the point estimate and every bootstrap resample go through it."""
+    """ROC AUC (sklearn), NaN when ``y_true`` lacks either class: the package's AUC (bootstrap
+    resamples take :func:`rowwise_roc_auc`, the same number for many at once)."""
     y_true = np.asarray(y_true, dtype=bool)
     if y_true.all() or not y_true.any():
         return NAN
@@ -109,8 +111,23 @@ def bootstrap_auc_interval(y_true, y_prob, num_resamples, seed=0, level=0.95):
     if n == 0 or num_resamples <= 0:
         return NAN, NAN
     idx = np.random.default_rng(seed).integers(0, n, size=(num_resamples, n))
-    aucs = [roc_auc(y_true[i], y_prob[i]) for i in idx]
-    return percentile_interval(aucs, level)
+    return percentile_interval(rowwise_roc_auc(y_true[idx], y_prob[idx]), level)
+
+
+def rowwise_roc_auc(y_true, y_prob):
+    """The ROC AUC of each row of (B, n) labels and probabilities, NaN for a row that lacks a
+    class: :func:`roc_auc` of every row, computed for all rows at once as the Mann-Whitney
+    statistic (ranks with ties averaged, so a tie counts one half, as in sklearn's AUC).
+
+    For the bootstrap: sklearn checks its inputs on every call, and 1,000 calls per group made
+    the AUC interval most of an evaluation's time (about 10 s of each on tn5000_val)."""
+    y_true = np.asarray(y_true, dtype=bool)
+    ranks = rankdata(np.asarray(y_prob, dtype=float), axis=1)
+    num_pos = y_true.sum(axis=1)
+    num_neg = y_true.shape[1] - num_pos
+    both = (num_pos > 0) & (num_neg > 0)
+    u = (ranks * y_true).sum(axis=1) - num_pos * (num_pos + 1) / 2.0
+    return np.where(both, u / np.maximum(num_pos * num_neg, 1), NAN)
 
 
 def froc_operating_points(scores, is_tp, num_gt, num_images):

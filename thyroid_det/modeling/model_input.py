@@ -50,12 +50,14 @@ def model_input_channels(cfg) -> int:
 
 
 def resize_to(image: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
-    """(C, H, W) float image resized to ``size`` (bilinear, antialiased when shrinking, which is
-    what PIL's bilinear resize in the data mapper does); unchanged when already that size.
-    Under ``torch.jit.trace`` the resize is always recorded (at the same size it is the
-    identity), so a traced model takes inputs of any size."""
+    """(C, H, W) or (N, C, H, W) float image(s) resized to ``size`` (bilinear, antialiased when
+    shrinking, which is what PIL's bilinear resize in the data mapper does); unchanged when
+    already that size. Under ``torch.jit.trace`` the resize is always recorded (at the same size
+    it is the identity), so a traced model takes inputs of any size."""
     if size is None or (tuple(image.shape[-2:]) == tuple(size) and not torch.jit.is_tracing()):
         return image
-    return F.interpolate(
-        image[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True
-    )[0]
+    batch = image if image.dim() == 4 else image[None]
+    batch = F.interpolate(
+        batch, size=tuple(size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return batch if image.dim() == 4 else batch[0]

@@ -246,30 +246,51 @@ class MultiScaleSSD(DenseDetector):
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """To luma (``luma_input``), resize to ``fixed_size``, normalise with PIXEL_MEAN/STD and
-        batch; reject wrongly shaped or non-finite images."""
-        images = []
+        batch; reject wrongly shaped or non-finite images.
+
+        Images of one shape (a training batch from the mapper) go to the device as one tensor and
+        are processed together: image by image, a GPU step spent more time issuing these small
+        operations, and waiting on their copies, than the batch took to compute."""
         channels = self.pixel_mean.shape[0]
+        accepted = (channels, 3) if self.luma_input else (channels,)
         for x in batched_inputs:
             image = x["image"]
-            accepted = (channels, 3) if self.luma_input else (channels,)
             if image.dim() != 3 or image.shape[0] not in accepted:
                 raise ValueError(
                     f"{x.get('file_name', '<input image>')}: image tensor has shape "
                     f"{tuple(image.shape)}, expected ({' or '.join(map(str, accepted))}, H, W) "
                     f"(INPUT.FORMAT={self.input_format!r})"
                 )
-            image = image.to(self.device, torch.float32)
-            if self.luma_input and image.shape[0] == 3:
-                image = to_luma(image, self.input_format)
-            image = resize_to(image, self.fixed_size)
-            images.append((image - self.pixel_mean) / self.pixel_std)
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        finite = torch.isfinite(images.tensor).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = [x.get("file_name", f"image {i}") for i, x in enumerate(batched_inputs)]
-            bad = [name for name, ok in zip(bad, finite.tolist()) if not ok]
-            raise FloatingPointError(f"Input images contain NaN or Inf: {bad}")
+        shapes = {tuple(x["image"].shape) for x in batched_inputs}
+        divisor = self.backbone.size_divisibility
+        if len(shapes) == 1 and divisor <= 1 and not torch.jit.is_tracing():
+            batch = torch.stack([x["image"] for x in batched_inputs])
+            images = ImageList(self._normalize(batch), [self._network_size(batch)] * len(batch))
+        else:
+            images = ImageList.from_tensors(
+                [self._normalize(x["image"][None])[0] for x in batched_inputs], divisor
+            )
+        if any(x["image"].is_floating_point() for x in batched_inputs):
+            # Integer pixels are finite; a float image may hold NaN or Inf.
+            finite = torch.isfinite(images.tensor).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                bad = [x.get("file_name", f"image {i}") for i, x in enumerate(batched_inputs)]
+                bad = [name for name, ok in zip(bad, finite.tolist()) if not ok]
+                raise FloatingPointError(f"Input images contain NaN or Inf: {bad}")
         return images
+
+    def _normalize(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) images of any dtype -> on the device, float, luma, ``fixed_size``,
+        normalised."""
+        images = images.to(self.device, torch.float32)
+        if self.luma_input and images.shape[1] == 3:
+            images = to_luma(images, self.input_format)
+        images = resize_to(images, self.fixed_size)
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def _network_size(self, images: Tensor) -> Tuple[int, int]:
+        """The (height, width) ``_normalize`` gives ``images``."""
+        return tuple(self.fixed_size) if self.fixed_size else tuple(images.shape[-2:])
 
     def anchors(self, features: List[Tensor], images: ImageList) -> List[Boxes]:
         """Per-level anchors in the network-input frame."""
