@@ -54,3 +54,47 @@ def test_standard_operating_points():
     assert m["sensitivity_at_spec90_ci_low"] <= m["sensitivity_at_spec90_ci_high"]
     one_class = standard_operating_points([1, 1], [0.3, 0.4])
     assert np.isnan(one_class["sensitivity_at_spec90"])
+
+
+def test_bootstrap_operating_points_are_sklearns_roc_curve_on_each_resample():
+    """The operating points of all resamples at once are those of sklearn's ROC curve on each
+    resample (ties kept together, NaN without both classes), so the intervals are the ones the
+    resample-by-resample loop gave."""
+    from sklearn.metrics import roc_curve
+
+    from thyroid_det.evaluation.operating_points import (
+        percentile_interval,
+        rowwise_operating_points,
+        standard_operating_points,
+    )
+
+    def points(t, p):
+        fpr, tpr, _ = roc_curve(t, p, drop_intermediate=False)
+        spec = 1.0 - fpr
+        return spec[np.argmax(tpr >= 0.9 - 1e-12)], tpr[np.flatnonzero(spec >= 0.9 - 1e-12)[-1]]
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, (300, 40)).astype(bool)
+    p = np.round(np.clip(y * 0.25 + rng.normal(0.4, 0.25, (300, 40)), 0, 1), 1)  # ties
+    y[3] = False
+    spec_at_sens, sens_at_spec = rowwise_operating_points(y, p)
+    for i in range(len(y)):
+        if i == 3:
+            assert np.isnan(spec_at_sens[i]) and np.isnan(sens_at_spec[i])
+            continue
+        assert (spec_at_sens[i], sens_at_spec[i]) == pytest.approx(points(y[i], p[i]), abs=1e-12)
+
+    y1, p1 = y[0], p[0]
+    loop = {"specificity_at_sens90": [], "sensitivity_at_spec90": []}
+    draw = np.random.default_rng(7)
+    for _ in range(200):
+        idx = draw.integers(0, len(y1), len(y1))
+        if y1[idx].all() or not y1[idx].any():
+            continue
+        a, b = points(y1[idx], p1[idx])
+        loop["specificity_at_sens90"].append(a)
+        loop["sensitivity_at_spec90"].append(b)
+    got = standard_operating_points(y1, p1, 200, seed=7)
+    for key, values in loop.items():
+        low, high = percentile_interval(values)
+        assert (got[f"{key}_ci_low"], got[f"{key}_ci_high"]) == pytest.approx((low, high), abs=1e-12)
