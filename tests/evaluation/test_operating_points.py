@@ -97,4 +97,5 @@ def test_bootstrap_operating_points_are_sklearns_roc_curve_on_each_resample():
     got = standard_operating_points(y1, p1, 200, seed=7)
     for key, values in loop.items():
         low, high = percentile_interval(values)
-        assert (got[f"{key}_ci_low"], got[f"{key}_ci_high"]) == pytest.approx((low, high), abs=1e-12)
+        interval = (got[f"{key}_ci_low"], got[f"{key}_ci_high"])
+        assert interval == pytest.approx((low, high), abs=1e-12)
