@@ -272,6 +272,46 @@ def test_the_training_step_issues_a_fixed_number_of_operations_whatever_the_batc
     assert large_waits == small_waits <= 4, counts
 
 
+@pytest.mark.parametrize("class_agnostic", [True, False])
+def test_batched_inference_is_the_single_image_inference(class_agnostic):
+    """Inference on a batch (selection, decoding, clipping and filtering for all images at once)
+    gives each image exactly what the single-image path gives it: ties in the scores, boxes
+    leaving the image, non-finite deltas, images of different sizes, the top-k and detection
+    caps."""
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    from thyroid_det.modeling.meta_arch.ssd_inference import (
+        ssd_inference_batch,
+        ssd_inference_single_image,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 60
+    anchors = torch.cat([xy, xy + 4 + torch.rand(300, 2, generator=g) * 30], dim=1)
+    logits = torch.randn(4, 300, 3, generator=g) * 2
+    logits[:, ::7] = logits[:, 3:4]  # tied scores
+    fg_probs = logits.softmax(dim=-1)[..., :2]
+    deltas = torch.randn(4, 300, 4, generator=g)
+    deltas[1, :20, 2] = float("inf")  # non-finite boxes
+    deltas[2] *= 8  # boxes far outside the image
+    sizes = [(64, 64), (48, 80), (64, 64), (30, 40)]
+    kwargs = dict(
+        box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)), score_thresh=0.05,
+        topk_candidates=120, nms_thresh=0.45, class_agnostic_nms=class_agnostic,
+        max_detections_per_image=25,
+    )  # fmt: skip
+    batch = ssd_inference_batch(anchors, fg_probs, deltas, sizes, **kwargs)
+    for i, size in enumerate(sizes):
+        single = ssd_inference_single_image(anchors, fg_probs[i], deltas[i], size, **kwargs)
+        got = batch[i]
+        assert got.image_size == single.image_size and len(got) == len(single) > 0
+        for field in ("pred_boxes", "scores", "pred_classes", "class_probs"):
+            a, b = got.get(field), single.get(field)
+            a, b = (a.tensor, b.tensor) if field == "pred_boxes" else (a, b)
+            assert torch.equal(a, b), field
+    assert len(batch[0]) == 25  # the detection cap
+
+
 def test_losses_on_hand_built_case(model):
     gt = [instances((64, 64), [[0, 0, 10, 10]], [1])]
     logits = torch.zeros(1, 4, 3, requires_grad=True)

@@ -23,7 +23,7 @@ from ..atss_matcher import ATSSMatcher
 from ..class_weights import check_class_weights
 from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
 from .ssd_head import SSDHead
-from .ssd_inference import ssd_inference_single_image
+from .ssd_inference import ssd_inference_batch, ssd_inference_single_image
 from .ssd_loss import (
     BOX_REG_LOSS_TYPES,
     build_anchor_matcher,
@@ -391,7 +391,8 @@ class MultiScaleSSD(DenseDetector):
         pred_deltas: List[Tensor],
         image_sizes: List[Tuple[int, int]],
     ) -> List[Instances]:
-        """Decode, threshold, keep the top candidates and apply NMS, per image.
+        """Decode, threshold, keep the top candidates and apply NMS, per image
+        (:func:`ssd_inference_single_image`, or :func:`ssd_inference_batch` for several).
 
         Returns:
             per image, Instances in the network-input frame with pred_boxes, scores (foreground
@@ -401,18 +402,22 @@ class MultiScaleSSD(DenseDetector):
         anchors = Boxes.cat(anchors).tensor
         fg_probs = self.foreground_probs(cat(pred_logits, dim=1))
         deltas = cat(pred_deltas, dim=1)
+        options = dict(
+            box2box_transform=self.box2box_transform,
+            score_thresh=self.test_score_thresh,
+            topk_candidates=self.test_topk_candidates,
+            nms_thresh=self.test_nms_thresh,
+            class_agnostic_nms=self.class_agnostic_nms,
+            max_detections_per_image=self.max_detections_per_image,
+        )
+        if len(image_sizes) > 1 and not torch.jit.is_tracing():
+            # the same results, the batch's candidates handled at once (a traced model keeps
+            # the single-image path, which it was exported with)
+            sizes = [tuple(size) for size in image_sizes]
+            return ssd_inference_batch(anchors, fg_probs, deltas, sizes, **options)
         return [
             ssd_inference_single_image(
-                anchors,
-                fg_probs[i],
-                deltas[i],
-                tuple(image_size),
-                box2box_transform=self.box2box_transform,
-                score_thresh=self.test_score_thresh,
-                topk_candidates=self.test_topk_candidates,
-                nms_thresh=self.test_nms_thresh,
-                class_agnostic_nms=self.class_agnostic_nms,
-                max_detections_per_image=self.max_detections_per_image,
+                anchors, fg_probs[i], deltas[i], tuple(image_size), **options
             )
             for i, image_size in enumerate(image_sizes)
         ]
