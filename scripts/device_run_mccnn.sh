@@ -28,8 +28,9 @@
 #   BUDGET_S=575       seconds, from start to the end of copying (the device call's timeout_s
 #                      of 600 held it); training gets what is left after the install, checks
 #                      and calibration, less RESERVE_S=105 for the benchmark, curves and copies
-#   CALIBRATE=1        calibrate (80 iterations and an evaluation, about a minute with
-#                      cuDNN's autotuning off) and plan the schedule from what it measures. The
+#   CALIBRATE=1        calibrate (80 iterations and an evaluation: an estimated minute at
+#                      the H200's speeds, cuDNN's autotuning off) and plan the schedule from what
+#                      it measures. The
 #                      default since 2026-12-06: Ec's step then stopped issuing its work image
 #                      by image, so its speed on a GPU is no longer the one SCHEDULE was sized
 #                      at. 0: train SCHEDULE without calibrating (the rehearsal's default)
