@@ -245,6 +245,51 @@ def test_training_crops_and_labels():
     assert sorted(boxes[0][:2, 0].tolist()) == [10.0, 40.0]  # ground truths first
 
 
+def test_training_crops_of_a_batch_sampled_at_once():
+    """The batch's crops are drawn together but image by image in effect: a detection counts
+    only against its own image's nodules, each image is capped on its own with its nodules
+    first, and the random picks are uniform."""
+    roi = heads(FixedProbs([0.5, 0.5]), gt_jitter_copies=2, batch_size_per_image=100).train()
+    images = ImageList(torch.zeros(3, 1, 64, 64), [(64, 64), (40, 50), (64, 64)])
+    gts = [
+        targets([[10, 10, 30, 30]], [1]),
+        targets([[30, 20, 50, 40], [0, 0, 12, 12]], [0, 1]),
+        targets([], []),
+    ]
+    dets = [
+        detections([[31, 21, 50, 40]], [0.9], [0], [[0.5, 0.5]]),  # image 1's nodule, not 0's
+        detections([[30, 21, 50, 40], [1, 0, 12, 12]], [0.9, 0.8], [0, 0], [[0.5, 0.5]] * 2),
+        detections([[10, 10, 30, 30]], [0.9], [1], [[0.5, 0.5]]),  # image 0's box, image 2
+    ]
+    rois, labels = roi.sample_crops(images, dets, gts)
+    image = rois[:, 0].long()
+    assert torch.bincount(image, minlength=3).tolist() == [1 + 2, 2 + 4 + 2, 0]
+    assert labels[image == 0].tolist() == [1] * 3
+    assert sorted(labels[image == 1].tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+    boxes = rois[image == 1, 1:]
+    assert (boxes[:, 2] <= 50).all() and (boxes[:, 3] <= 40).all()  # clipped to its image
+    nodules = [[30, 20, 50, 40], [0, 0, 12, 12]]
+    assert boxes[:2].tolist() in (nodules, nodules[::-1])  # nodules first
+
+    # Capped at 3: the nodule, then 2 of its 6 matched detections, uniformly.
+    capped = heads(FixedProbs([0.5, 0.5]), gt_jitter_copies=0, batch_size_per_image=3).train()
+    one_image = ImageList(torch.zeros(1, 1, 64, 64), [(64, 64)])
+    nodule = [targets([[10, 10, 40, 40]], [1])]
+    near = [[10 + i, 10, 40 + i, 40] for i in range(1, 7)]
+    found = [detections(near, [0.9] * 6, [1] * 6, [[0.5, 0.5]] * 6)]
+    counts = torch.zeros(6)
+    torch.manual_seed(0)
+    for _ in range(600):
+        rois, labels = capped.sample_crops(one_image, found, nodule)
+        assert rois[0, 1:].tolist() == [10, 10, 40, 40] and labels.tolist() == [1, 1, 1]
+        counts[rois[1:, 1].long() - 11] += 1
+    assert ((counts / 600 > 0.25) & (counts / 600 < 0.42)).all(), counts  # each 1/3
+    # More nodules than the cap: nodules only.
+    crowd = [targets([[i * 10, 0, i * 10 + 8, 8] for i in range(6)], [0] * 6)]
+    rois, _ = capped.sample_crops(one_image, found, crowd)
+    assert len(rois) == 3 and set(rois[:, 2].tolist()) == {0.0}
+
+
 def test_training_loss_backward_and_empty_batch():
     roi = heads(MeanIntensity(), input_size=16).train()
     images = ImageList(torch.randn(1, 1, 64, 64), [(64, 64)])

@@ -1,13 +1,12 @@
 """ROI heads that crop each detection from the input image, classify the crop with the refiner
 Ef and fuse its probabilities with the detector's coarse ones (paper III-IV, eq. 7)."""
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import cat, nonzero_tuple
+from detectron2.layers import cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from torch import nn
 from torchvision.ops import roi_align
@@ -82,13 +81,17 @@ def jitter_boxes(
 
 
 def crop_and_resize(
-    images: torch.Tensor, boxes: List[torch.Tensor], output_size: int, context_margin: float
+    images: torch.Tensor,
+    boxes: Union[List[torch.Tensor], torch.Tensor],
+    output_size: int,
+    context_margin: float,
 ) -> torch.Tensor:
     """Square context crops of every box, resized to ``output_size``: one batched ``roi_align``.
 
     Args:
         images: (B, C, H, W) image tensor the boxes' coordinates refer to.
-        boxes: B tensors (Ki, 4) of XYXY boxes, one per image.
+        boxes: B tensors (Ki, 4) of XYXY boxes, one per image, or a (K, 5) tensor of rois
+            (image index, then the XYXY box).
         output_size: side of the square crops.
         context_margin: see :func:`square_context_boxes`.
 
@@ -97,7 +100,11 @@ def crop_and_resize(
         (the mean pixel, after normalisation). Bins average several bilinear samples when a crop
         shrinks, so downscaling does not alias.
     """
-    rois = [square_context_boxes(b.to(images.dtype), context_margin) for b in boxes]
+    if isinstance(boxes, torch.Tensor):  # (K, 5) rois: image index, then the box
+        square = square_context_boxes(boxes[:, 1:].to(images.dtype), context_margin)
+        rois = torch.cat([boxes[:, :1].to(images.dtype), square], dim=1)
+    else:
+        rois = [square_context_boxes(b.to(images.dtype), context_margin) for b in boxes]
     size = (output_size, output_size)
     return roi_align(images, rois, output_size=size, spatial_scale=1.0, aligned=True)
 
@@ -200,7 +207,7 @@ class RefinerROIHeads(nn.Module):
         self.class_weights = check_class_weights(
             class_weights, num_classes, "MODEL.REFINER.CLASS_WEIGHTS"
         )
-        self.matcher = Matcher([detection_iou], [0, 1], allow_low_quality_matches=False)
+        self.detection_iou = detection_iou
 
     @classmethod
     def from_config(
@@ -255,51 +262,86 @@ class RefinerROIHeads(nn.Module):
         return self.inference(images, proposals), {}
 
     @torch.no_grad()
-    def label_crops(self, images: ImageList, proposals: List[Instances], targets: List[Instances]):
-        """Training crop boxes and labels per image: ground truths, their jittered copies and
-        matched inputs, at most ``batch_size_per_image`` with ground truths first."""
-        crop_boxes, crop_labels = [], []
-        for image_size, inputs, target in zip(images.image_sizes, proposals, targets):
-            gt_boxes, gt_classes = target.gt_boxes.tensor, target.gt_classes
-            if len(target) == 0:
-                crop_boxes.append(gt_boxes.new_zeros((0, 4)))
-                crop_labels.append(gt_classes.new_zeros((0,)))
-                continue
-            jittered = Boxes(jitter_boxes(gt_boxes, self.gt_jitter_copies, self.gt_jitter))
-            jittered.clip(image_size)
-            extra_boxes = [jittered.tensor]
-            extra_labels = [gt_classes.repeat_interleave(self.gt_jitter_copies)]
-            input_boxes = inputs.proposal_boxes.to(gt_boxes.device)
-            if len(input_boxes) > 0:
-                quality = pairwise_iou(target.gt_boxes, input_boxes)
-                matched_idxs, matched_labels = self.matcher(quality)
-                keep = nonzero_tuple(matched_labels == 1)[0]
-                extra_boxes.append(input_boxes.tensor[keep])
-                extra_labels.append(gt_classes[matched_idxs[keep]])
-            extra_boxes, extra_labels = cat(extra_boxes), cat(extra_labels)
+    def sample_crops(self, images: ImageList, proposals: List[Instances], targets: List[Instances]):
+        """Training crops of the whole batch at once: per image, its ground truths, their jittered
+        copies (clipped to the image) and the inputs matched to one of its ground truths (IoU >=
+        ``detection_iou``), at most ``batch_size_per_image``: ground truths first, each subset
+        drawn at random. An image without ground truth gives no crop (Ef has no background).
 
-            num_gt = min(len(gt_boxes), self.batch_size_per_image)
-            gt_keep = torch.randperm(len(gt_boxes), device=gt_boxes.device)[:num_gt]
-            extra_keep = torch.randperm(len(extra_boxes), device=gt_boxes.device)
-            extra_keep = extra_keep[: self.batch_size_per_image - num_gt]
-            crop_boxes.append(cat([gt_boxes[gt_keep], extra_boxes[extra_keep]]))
-            crop_labels.append(cat([gt_classes[gt_keep], extra_labels[extra_keep]]))
-        return crop_boxes, crop_labels
+        Returns:
+            rois: (K, 5) crops as roi_align takes them: image index, then the XYXY box.
+            labels: (K,) the class of each crop's ground truth.
+        """
+        device = images.tensor.device
+        counts = [len(t) for t in targets]
+        gt_boxes = cat([t.gt_boxes.tensor for t in targets]).to(device)
+        if gt_boxes.numel() == 0:
+            return gt_boxes.new_zeros((0, 5)), torch.zeros((0,), dtype=torch.long, device=device)
+        gt_classes = cat([t.gt_classes for t in targets]).to(device)
+        prop_counts = [len(p) for p in proposals]
+        # image of every ground truth and every input, built on the host and sent at once
+        owners = [i for ns in (counts, prop_counts) for i, n in enumerate(ns) for _ in range(n)]
+        gt_image, prop_image = (
+            torch.tensor(owners, dtype=torch.long)
+            .to(device, non_blocking=True)
+            .split([sum(counts), sum(prop_counts)])
+        )
+        limits = torch.tensor(
+            [[w, h, w, h] for h, w in images.image_sizes], dtype=gt_boxes.dtype
+        ).to(device, non_blocking=True)
+
+        copies = self.gt_jitter_copies
+        jittered = jitter_boxes(gt_boxes, copies, self.gt_jitter)
+        jit_image = gt_image.repeat_interleave(copies)
+        jittered = torch.minimum(jittered.clamp(min=0), limits[jit_image])  # Boxes.clip
+
+        prop_boxes = cat([p.proposal_boxes.tensor for p in proposals]).to(device, gt_boxes.dtype)
+        iou = pairwise_iou(Boxes(gt_boxes), Boxes(prop_boxes))
+        iou = torch.where(gt_image[:, None] == prop_image[None, :], iou, -1.0)
+        if len(prop_boxes):
+            best, best_gt = iou.max(dim=0)  # the Matcher's rule: the best nodule of its image
+        else:
+            best, best_gt = iou.new_zeros((0,)), prop_image
+        matched = best >= self.detection_iou
+
+        boxes = cat([gt_boxes, jittered, prop_boxes])
+        labels = cat([gt_classes, gt_classes.repeat_interleave(copies), gt_classes[best_gt]])
+        image = cat([gt_image, jit_image, prop_image])
+        valid = cat([torch.ones_like(gt_image, dtype=torch.bool)] * (1 + copies) + [matched])
+        is_gt = torch.zeros_like(valid)
+        is_gt[: len(gt_boxes)] = True
+        # Per image: random keys, ground truths above the rest, the first batch_size_per_image.
+        priority = torch.rand(len(boxes), device=device) + 2.0 * is_gt
+        key = image * 8.0 + torch.where(valid, 3.0 - priority, 4.0)
+        order = key.argsort()
+        per_image = torch.bincount(image, minlength=len(counts))
+        rank = torch.arange(len(order), device=device) - (per_image.cumsum(0) - per_image)[
+            image[order]
+        ]
+        chosen = order[(rank < self.batch_size_per_image) & valid[order]]
+        rois = cat([image[chosen, None].to(boxes.dtype), boxes[chosen]], dim=1)
+        return rois, labels[chosen]
+
+    def label_crops(self, images: ImageList, proposals: List[Instances], targets: List[Instances]):
+        """:meth:`sample_crops` as per-image lists of crop boxes and of labels."""
+        rois, labels = self.sample_crops(images, proposals, targets)
+        image = rois[:, 0].long()
+        per_image = [image == i for i in range(len(targets))]
+        return [rois[m, 1:] for m in per_image], [labels[m] for m in per_image]
 
     def losses(self, images: ImageList, proposals: List[Instances], targets: List[Instances]):
-        crop_boxes, crop_labels = self.label_crops(images, proposals, targets)
-        labels = cat(crop_labels)
+        rois, labels = self.sample_crops(images, proposals, targets)
         if labels.numel() == 0:
             # Nothing to learn from in this batch: a zero that still reaches every parameter.
             return {"loss_refiner": sum(p.sum() for p in self.refiner.parameters()) * 0.0}
-        crops = self.crops(images.tensor.detach(), crop_boxes)
+        crops = self.crops(images.tensor.detach(), rois)
         logits = self.refiner(crops)
         weight = None
         if self.class_weights:
             weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device)
         return {"loss_refiner": F.cross_entropy(logits, labels.long(), weight=weight)}
 
-    def crops(self, images: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
+    def crops(self, images: torch.Tensor, boxes) -> torch.Tensor:
         """:func:`crop_and_resize` at the refiner's size (``test_input_size`` at inference), in
         its channels (see ``luma_format``)."""
         size = self.input_size if self.training else self.test_input_size
