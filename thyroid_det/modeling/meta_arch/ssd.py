@@ -264,8 +264,8 @@ class MultiScaleSSD(DenseDetector):
         shapes = {tuple(x["image"].shape) for x in batched_inputs}
         divisor = self.backbone.size_divisibility
         if len(shapes) == 1 and divisor <= 1 and not torch.jit.is_tracing():
-            batch = torch.stack([x["image"] for x in batched_inputs])
-            images = ImageList(self._normalize(batch), [self._network_size(batch)] * len(batch))
+            batch = self._normalize(torch.stack([x["image"] for x in batched_inputs]))
+            images = ImageList(batch, [tuple(batch.shape[-2:])] * len(batch))
         else:
             images = ImageList.from_tensors(
                 [self._normalize(x["image"][None])[0] for x in batched_inputs], divisor
@@ -287,10 +287,6 @@ class MultiScaleSSD(DenseDetector):
             images = to_luma(images, self.input_format)
         images = resize_to(images, self.fixed_size)
         return (images - self.pixel_mean) / self.pixel_std
-
-    def _network_size(self, images: Tensor) -> Tuple[int, int]:
-        """The (height, width) ``_normalize`` gives ``images``."""
-        return tuple(self.fixed_size) if self.fixed_size else tuple(images.shape[-2:])
 
     def anchors(self, features: List[Tensor], images: ImageList) -> List[Boxes]:
         """Per-level anchors in the network-input frame."""

@@ -308,11 +308,10 @@ class RefinerROIHeads(nn.Module):
         labels = cat([gt_classes, gt_classes.repeat_interleave(copies), gt_classes[best_gt]])
         image = cat([gt_image, jit_image, prop_image])
         valid = cat([torch.ones_like(gt_image, dtype=torch.bool)] * (1 + copies) + [matched])
-        is_gt = torch.zeros_like(valid)
-        is_gt[: len(gt_boxes)] = True
+        is_gt = torch.arange(len(boxes), device=device) < len(gt_boxes)
         # Per image: random keys, ground truths above the rest, the first batch_size_per_image.
-        priority = torch.rand(len(boxes), device=device) + 2.0 * is_gt
-        key = image * 8.0 + torch.where(valid, 3.0 - priority, 4.0)
+        priority = torch.rand(len(boxes), device=device, dtype=torch.float64) + 2.0 * is_gt
+        key = image * 8.0 + torch.where(valid, 3.0 - priority, 4.0)  # float64: image-major
         order = key.argsort()
         per_image = torch.bincount(image, minlength=len(counts))
         rank = torch.arange(len(order), device=device) - (per_image.cumsum(0) - per_image)[
