@@ -388,7 +388,7 @@ class MultiScaleSSD(DenseDetector):
         image_sizes: List[Tuple[int, int]],
     ) -> List[Instances]:
         """Decode, threshold, keep the top candidates and apply NMS, per image
-        (:func:`ssd_inference_single_image`, or :func:`ssd_inference_batch` for several).
+        (:func:`ssd_inference_batch`; :func:`ssd_inference_single_image` under tracing).
 
         Returns:
             per image, Instances in the network-input frame with pred_boxes, scores (foreground
@@ -406,9 +406,10 @@ class MultiScaleSSD(DenseDetector):
             class_agnostic_nms=self.class_agnostic_nms,
             max_detections_per_image=self.max_detections_per_image,
         )
-        if len(image_sizes) > 1 and not torch.jit.is_tracing():
-            # the same results, the batch's candidates handled at once (a traced model keeps
-            # the single-image path, which it was exported with)
+        if not torch.jit.is_tracing():
+            # the same results, the candidates of all images handled at once, and fewer
+            # values read back even for one image; a traced model keeps the single-image path,
+            # which it was exported with
             sizes = [tuple(size) for size in image_sizes]
             return ssd_inference_batch(anchors, fg_probs, deltas, sizes, **options)
         return [
