@@ -204,6 +204,14 @@ def add_mccnn_config(cfg):
     # run 28, 0.811 against 0.879 in run 27; docs/experiments.md, "A time budget").
     _C.SOLVER.TIME_BUDGET.MARGIN = 0.1
 
+    # Images per inference call when evaluating (train_net.py's evaluations, --eval-only and
+    # tools/evaluate.py), per process. 1 is detectron2's and the papers' convention for seconds
+    # per image. On a GPU a larger batch issues fewer, larger operations for the same detections
+    # (to rounding: the SSD mapper gives every test image INPUT.FIXED_SIZE, so nothing is padded).
+    # evaluate.py's seconds per image are then each call's time over its images; it records the
+    # batch beside them.
+    _C.TEST.IMS_PER_BATCH = 1
+
     # ---------------------------------------------------------------------------------------
     # Clinical evaluation
     # ---------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ config, at any width (``MODEL.VGG.WIDTH_MULT``: the counts do not depend on it).
 on the CPU, the part of the step outside the network: Ec's loss (anchor labelling, mining,
 box targets) and the optimizer's step (clipping included).
 
+With ``--inference`` it counts the evaluation's inference instead, per image: batches of
+``TEST.IMS_PER_BATCH`` images of ``DATASETS.TEST[0]``, through the model that ``MODEL.WEIGHTS``
+loads (random weights without it).
+
 Example (mccnn.yaml's step, batch 32 at 320 px, on a narrow Ec so that it runs fast here):
     THYROID_DATASETS=../shared/data python tools/count_step_ops.py \\
         --config-file configs/mccnn.yaml MODEL.VGG.WIDTH_MULT 0.125
@@ -25,7 +29,7 @@ from detectron2.utils.events import EventStorage
 
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_coco_datasets
-from thyroid_det.engine import Trainer, load_cfg
+from thyroid_det.engine import Trainer, load_cfg, load_inference_weights
 from thyroid_det.utils.cli import check_dataset, check_output_file, cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_text
 from thyroid_det.utils.op_count import OpCounter
@@ -45,10 +49,43 @@ def _step(model, optimizer, data, counter=None):
     return time.perf_counter() - start
 
 
+def count_inference(cfg, batches):
+    """Operations and waits per image of the evaluation's inference, over ``batches`` batches
+    (after one uncounted: first-call work)."""
+    name = cfg.DATASETS.TEST[0]
+    check_dataset(name)
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        load_inference_weights(model, cfg.MODEL.WEIGHTS)
+    model.eval()
+    loader = iter(Trainer.build_test_loader(cfg, name))
+    # Loaded before counting: the mapper's own operations are not the model's.
+    first, *counted = [inputs for _, inputs in zip(range(batches + 1), loader)]
+    with torch.no_grad():
+        model(first)
+        with OpCounter() as counter:
+            for inputs in counted:
+                model(inputs)
+    images = sum(len(inputs) for inputs in counted)
+    return {
+        "dataset": name,
+        "images_per_batch": cfg.TEST.IMS_PER_BATCH,
+        "images": images,
+        "ops_per_image": round(counter.ops / images, 1),
+        "waiting_ops_per_image": round(counter.waits / images, 2),
+    }
+
+
 @cli_errors("count_step_ops")
 def main(argv=None):
     parser = config_tool_parser(__doc__, config_help="the config whose training step to count")
-    parser.add_argument("--batches", type=int, default=6, help="steps timed (after 2 untimed)")
+    parser.add_argument("--batches", type=int, default=6, help="steps timed (after 2 untimed); with --inference, batches counted (after 1)")
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help="count the evaluation's inference per image instead, over --batches batches",
+    )
     parser.add_argument("--output", help="also write the counts and times to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -57,6 +94,8 @@ def main(argv=None):
     if args.output:
         check_output_file(args.output, [args.config_file])
     register_coco_datasets(cfg)
+    if args.inference:
+        return _report({"config": args.config_file, **count_inference(cfg, args.batches)}, args.output)
     for name in cfg.DATASETS.TRAIN:
         check_dataset(name, need_images=False)
     torch.manual_seed(0)
@@ -93,9 +132,13 @@ def main(argv=None):
         "cpu_ms_optimizer_step": round(1e3 * statistics.median(optimizer_seconds), 1),
         "threads": torch.get_num_threads(),
     }
+    return _report(result, args.output)
+
+
+def _report(result, output):
     print(json.dumps(result, indent=1))
-    if args.output:
-        atomic_write_text(args.output, json.dumps(result, indent=1) + "\n")
+    if output:
+        atomic_write_text(output, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -25,7 +25,9 @@ INPUT.FIXED_SIZE), COCO box AP and thyroid_det's NoduleEvaluator. Writes to ``--
   nodule.sensitivity, nodule.specificity, nodule.auc, nodule.auc_ci_low, nodule.froc@1fp,
   nodule.auc-size_small, ...; see thyroid_det.evaluation.NoduleEvaluator).
   ``seconds_per_image`` is the model call alone (data loading and metrics excluded; the first
-  call is warm-up and not counted; the GPU is synchronised), ``num_images`` the images run.
+  call is warm-up and not counted; the GPU is synchronised), per image of calls of
+  ``images_per_batch`` images (``TEST.IMS_PER_BATCH``, 1 by default as in detectron2 and the
+  papers), ``num_images`` the images run.
   Undefined values (NaN) are written as null.
 * ``nodule_metrics.json``, ``nodules.csv``, ``roc.png``, ``reliability.png``, ``froc.png``
   (NoduleEvaluator), ``coco_instances_results.json`` (COCOEvaluator), ``config.yaml``, ``log.txt``.
@@ -213,6 +215,7 @@ def main(argv=None):
 
     metrics = flat_metrics(results)
     metrics["seconds_per_image"] = timed.seconds_per_image
+    metrics["images_per_batch"] = float(cfg.TEST.IMS_PER_BATCH)
     metrics["num_images"] = float(len(records))
     atomic_write_json(os.path.join(args.output, "metrics.json"), dict(sorted(metrics.items())))
     if class_agnostic:

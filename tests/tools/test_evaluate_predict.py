@@ -1,5 +1,6 @@
 """tools/evaluate.py and tools/predict.py end to end: a tiny COCO set, a random-weight model."""
 
+import argparse
 import json
 import os
 
@@ -115,6 +116,56 @@ def test_evaluate_a_cascade(tmp_path, random_weights, tool, tiny_opts):
     evaluate.main(["--config-file", mccnn] + argv[2:])
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(key in metrics for key in EVALUATE_KEYS), set(EVALUATE_KEYS) - set(metrics)
+
+
+def test_evaluate_in_batches_gives_the_single_image_metrics(tmp_path, random_weights, tool, tiny_opts):
+    """TEST.IMS_PER_BATCH 3 over 4 images (a short last batch): the cascade's detections, hence
+    every metric but the timing, are those of one image at a time."""
+    mccnn = os.path.join(CONFIGS, "mccnn_synthetic.yaml")
+    mccnn = mccnn if os.path.exists(mccnn) else os.path.join(CONFIGS, "mccnn.yaml")
+    evaluate = tool("evaluate")
+    json_file = write_coco(tmp_path)
+    weights = random_weights(mccnn)
+    metrics = {}
+    for batch in (1, 3):
+        out = tmp_path / f"batch{batch}"
+        argv = evaluate_argv(weights, tiny_opts + ["TEST.IMS_PER_BATCH", str(batch)], json_file, out)
+        evaluate.main(["--config-file", mccnn] + argv[2:])
+        metrics[batch] = json.loads((out / "metrics.json").read_text())
+        detections = json.loads((out / "coco_instances_results.json").read_text())
+        metrics[batch]["detections"] = np.array(
+            sorted((d["image_id"], d["category_id"], d["score"], *d["bbox"]) for d in detections)
+        )
+    assert metrics[3]["images_per_batch"] == 3 and metrics[1]["images_per_batch"] == 1
+    assert len(metrics[1]["detections"]), "the random model should detect something to compare"
+    np.testing.assert_allclose(metrics[3].pop("detections"), metrics[1].pop("detections"), atol=1e-4)
+    for key in metrics[1]:
+        if key not in ("seconds_per_image", "images_per_batch"):
+            assert metrics[3][key] == pytest.approx(metrics[1][key], abs=1e-6, nan_ok=True), key
+
+
+def test_test_loader_batches_every_image_once(tmp_path, tiny_opts):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from thyroid_det.data.datasets.coco import register_coco
+    from thyroid_det.engine import Trainer, load_cfg
+
+    json_file = write_coco(tmp_path, num_images=5)
+    name = f"batched_{tmp_path.name}"
+    register_coco(name, json_file, str(tmp_path))
+    try:
+        opts = tiny_opts + ["TEST.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
+        cfg = load_cfg(argparse.Namespace(config_file=config_path(), opts=opts))
+        batches = list(Trainer.build_test_loader(cfg, name))
+        assert [len(b) for b in batches] == [2, 2, 1]
+        assert sorted(d["image_id"] for b in batches for d in b) == [1, 2, 3, 4, 5]
+        cfg.defrost()
+        cfg.TEST.IMS_PER_BATCH = 0
+        with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+            Trainer.build_test_loader(cfg, name)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def test_evaluate_names_a_missing_image_or_broken_json(tmp_path, weights, tool, tiny_opts):

@@ -3,7 +3,16 @@ import contextlib
 import functools
 import os
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+import torch.utils.data as torchdata
+from detectron2.data import (
+    DatasetFromList,
+    MapDataset,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.build import trivial_batch_collator
+from detectron2.data.samplers import InferenceSampler
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
@@ -48,7 +57,26 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=SSDDatasetMapper(cfg, is_train=False))
+        """detectron2's test loader with ``TEST.IMS_PER_BATCH`` images per batch."""
+        mapper = SSDDatasetMapper(cfg, is_train=False)
+        batch_size = cfg.TEST.IMS_PER_BATCH
+        if batch_size < 1:
+            raise ValueError(f"TEST.IMS_PER_BATCH must be at least 1, got {batch_size}")
+        if batch_size == 1:
+            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        # detectron2 0.6's test loader has a batch of 1 (main's takes a batch_size): the same
+        # DataLoader from detectron2's parts, with a larger batch.
+        dataset = MapDataset(
+            DatasetFromList(get_detection_dataset_dicts([dataset_name], filter_empty=False), copy=False),
+            mapper,
+        )
+        return torchdata.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=InferenceSampler(len(dataset)),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            collate_fn=trivial_batch_collator,
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
