@@ -30,6 +30,7 @@ from detectron2.utils.events import EventStorage
 import thyroid_det  # noqa: F401  (registers the plugin)
 from thyroid_det.data.datasets import register_coco_datasets
 from thyroid_det.engine import Trainer, load_cfg, load_inference_weights
+from thyroid_det.engine.defaults import ConfigError
 from thyroid_det.utils.cli import check_dataset, check_output_file, cli_errors, config_tool_parser
 from thyroid_det.utils.file_io import atomic_write_text
 from thyroid_det.utils.op_count import OpCounter
@@ -68,6 +69,11 @@ def count_inference(cfg, batches):
             for inputs in counted:
                 model(inputs)
     images = sum(len(inputs) for inputs in counted)
+    if not images:
+        raise ConfigError(
+            f"{name} has one batch of TEST.IMS_PER_BATCH ({cfg.TEST.IMS_PER_BATCH}) images or fewer: "
+            "nothing left to count after the uncounted first"
+        )
     return {
         "dataset": name,
         "images_per_batch": cfg.TEST.IMS_PER_BATCH,
@@ -80,7 +86,12 @@ def count_inference(cfg, batches):
 @cli_errors("count_step_ops")
 def main(argv=None):
     parser = config_tool_parser(__doc__, config_help="the config whose training step to count")
-    parser.add_argument("--batches", type=int, default=6, help="steps timed (after 2 untimed); with --inference, batches counted (after 1)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=6,
+        help="steps timed (after 2 untimed); with --inference, batches counted (after 1)",
+    )
     parser.add_argument(
         "--inference",
         action="store_true",

@@ -149,6 +149,7 @@ def test_test_loader_batches_every_image_once(tmp_path, tiny_opts):
 
     from thyroid_det.data.datasets.coco import register_coco
     from thyroid_det.engine import Trainer, load_cfg
+    from thyroid_det.engine.defaults import ConfigError
 
     json_file = write_coco(tmp_path, num_images=5)
     name = f"batched_{tmp_path.name}"
@@ -161,8 +162,10 @@ def test_test_loader_batches_every_image_once(tmp_path, tiny_opts):
         assert sorted(d["image_id"] for b in batches for d in b) == [1, 2, 3, 4, 5]
         cfg.defrost()
         cfg.TEST.IMS_PER_BATCH = 0
-        with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+        with pytest.raises(ConfigError, match="TEST.IMS_PER_BATCH"):
             Trainer.build_test_loader(cfg, name)
+        with pytest.raises(ConfigError, match="TEST.IMS_PER_BATCH must be at least 1, got 0"):
+            load_cfg(argparse.Namespace(config_file=config_path(), opts=tiny_opts + ["TEST.IMS_PER_BATCH", "0"]))
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)

@@ -38,6 +38,8 @@ def load_cfg(args):
     except (KeyError, ValueError, AssertionError) as e:
         raise _config_error(e, known, None) from None
     check_solver(cfg, args.config_file)
+    if cfg.TEST.IMS_PER_BATCH < 1:
+        raise ConfigError(f"{args.config_file}: TEST.IMS_PER_BATCH must be at least 1, got {cfg.TEST.IMS_PER_BATCH}")
     return cfg
 
 
