@@ -160,10 +160,6 @@ def test_test_loader_batches_every_image_once(tmp_path, tiny_opts):
         batches = list(Trainer.build_test_loader(cfg, name))
         assert [len(b) for b in batches] == [2, 2, 1]
         assert sorted(d["image_id"] for b in batches for d in b) == [1, 2, 3, 4, 5]
-        cfg.defrost()
-        cfg.TEST.IMS_PER_BATCH = 0
-        with pytest.raises(ConfigError, match="TEST.IMS_PER_BATCH"):
-            Trainer.build_test_loader(cfg, name)
         with pytest.raises(ConfigError, match="TEST.IMS_PER_BATCH must be at least 1, got 0"):
             load_cfg(argparse.Namespace(config_file=config_path(), opts=tiny_opts + ["TEST.IMS_PER_BATCH", "0"]))
     finally:

@@ -39,7 +39,10 @@ def load_cfg(args):
         raise _config_error(e, known, None) from None
     check_solver(cfg, args.config_file)
     if cfg.TEST.IMS_PER_BATCH < 1:
-        raise ConfigError(f"{args.config_file}: TEST.IMS_PER_BATCH must be at least 1, got {cfg.TEST.IMS_PER_BATCH}")
+        raise ConfigError(
+            f"{args.config_file} with the command line: TEST.IMS_PER_BATCH must be at least 1, "
+            f"got {cfg.TEST.IMS_PER_BATCH}"
+        )
     return cfg
 
 

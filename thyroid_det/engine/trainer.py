@@ -20,7 +20,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.mapper import SSDDatasetMapper
 from ..evaluation import build_evaluators
 from .checkpoint import Checkpointer
-from .defaults import ConfigError
 from .ema import ModelEMAHook
 from .hooks import CascadeStageHook, build_cascade_lr_scheduler, unwrap_model
 from .optimizer import build_optimizer
@@ -61,8 +60,6 @@ class Trainer(DefaultTrainer):
         """detectron2's test loader with ``TEST.IMS_PER_BATCH`` images per batch."""
         mapper = SSDDatasetMapper(cfg, is_train=False)
         batch_size = cfg.TEST.IMS_PER_BATCH
-        if batch_size < 1:
-            raise ConfigError(f"TEST.IMS_PER_BATCH must be at least 1, got {batch_size}")
         if batch_size == 1:
             return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
         # detectron2 0.6's test loader has a batch of 1 (main's takes a batch_size): the same
