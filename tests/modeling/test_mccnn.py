@@ -273,3 +273,16 @@ def test_shipped_recipes_evaluate_ec_last_state_and_keep_few_checkpoints(name):
     assert cfg.MODEL.MCCNN.DETECTOR_ITERS % cfg.TEST.EVAL_PERIOD == 0
     assert cfg.SOLVER.MAX_ITER // cfg.SOLVER.CHECKPOINT_PERIOD <= 20
     assert cfg.SOLVER.MAX_ITER // cfg.TEST.EVAL_PERIOD <= 20
+
+
+def test_cpu_recipe_trains_the_gpu_recipes_model():
+    """mccnn_cpu.yaml differs from mccnn.yaml in how it runs (input size, batch, precision,
+    schedule), not in the model: the two measure one recipe, and only the refiner reads smaller
+    crops at test time on the CPU."""
+    gpu, cpu = make_cfg("mccnn.yaml"), make_cfg("mccnn_cpu.yaml")
+    assert cpu.MODEL.REFINER.TEST_INPUT_SIZE == 96
+    cpu.MODEL.REFINER.TEST_INPUT_SIZE = gpu.MODEL.REFINER.TEST_INPUT_SIZE
+    cpu.MODEL.MCCNN.DETECTOR_ITERS = gpu.MODEL.MCCNN.DETECTOR_ITERS  # the schedule's
+    assert cpu.MODEL == gpu.MODEL
+    for key in ("OPTIMIZER", "WEIGHT_DECAY", "BASE_LR", "LR_SCHEDULER_NAME", "EMA"):
+        assert cpu.SOLVER[key] == gpu.SOLVER[key], key
