@@ -22,7 +22,7 @@
 # completed or cut), metrics.json, nodule_metrics.json (the last evaluation's clinical report),
 # learning_curves.png, config.yaml, gpu.csv (utilisation and memory every 15 s) and
 # benchmark_gpu.json; with TRAIN=0, device_run.log, benchmark_gpu.json and
-# benchmark_gpu_<config>_<mode>.json (4 files). The full-size model (hundreds of MiB) stays there.
+# benchmark_gpu_<config>_<mode>.json (4 files). The trained model stays there.
 #
 # Environment (defaults are the GPU run's):
 #   BUDGET_S=575       seconds, from start to the end of copying (the device call's timeout_s
@@ -134,9 +134,10 @@ EXTRA=(${EXTRA_OPTS:-})
 
 NUM='(nan|[0-9.]+)'
 
-# tools/benchmark.py on this GPU, random weights at mccnn.yaml's 320 px and width: Ec's training
-# step alone at batch 32 (forward, backward, SGD; bf16 autocast), to compare with the trainer's
-# seconds per iteration (loader, hooks, clipping, EMA on top), and the cascade's cost over Ec with exactly k
+# tools/benchmark.py on this GPU, random weights at mccnn.yaml's 320 px and width (EXTRA_OPTS
+# after it): Ec's training step alone at batch 32 (forward, backward, torchvision's SGD step; bf16
+# autocast), to compare with the trainer's seconds per iteration (loader, hooks, clipping, AdamW,
+# EMA on top), and the cascade's cost over Ec with exactly k
 # detections reaching the refiner. With TRAIN=0 also each cascade config at its own size, its
 # refiner plain and under torch.compile's CUDA graphs (benchmark_gpu_<config>_<mode>.json).
 bench() {
@@ -144,7 +145,7 @@ bench() {
     timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda --amp \
         --only ec cascade --no-flops --size 320 --train-batch 32 \
         --config-file configs/Base-SSD.yaml --warmup 2 --repeats 10 \
-        --output "$OUT/benchmark_gpu.json" --opts MODEL.VGG.WIDTH_MULT 0.25 \
+        --output "$OUT/benchmark_gpu.json" --opts MODEL.VGG.WIDTH_MULT 0.25 "${EXTRA[@]}" \
         >>"$LOG" 2>&1 || log "benchmark failed or was cut (see log)"
     [ "${TRAIN:-1}" = 0 ] || return 0
     local spec name size mode
