@@ -141,11 +141,18 @@ NUM='(nan|[0-9.]+)'
 # detections reaching the refiner. With TRAIN=0 also each cascade config at its own size, its
 # refiner plain and under torch.compile's CUDA graphs (benchmark_gpu_<config>_<mode>.json).
 bench() {
-    log "benchmark: Ec's training step, the cascade over Ec"
+    # Ec is timed on Base-SSD.yaml (an SSD, not the cascade) at $CONFIG's width, read from it
+    # so that the two cannot drift apart.
+    local width
+    width=$("$PY" -c 'import sys; from types import SimpleNamespace
+from thyroid_det.engine.defaults import load_cfg
+print(load_cfg(SimpleNamespace(config_file=sys.argv[1], opts=[])).MODEL.VGG.WIDTH_MULT)' \
+        "$CONFIG" 2>>"$LOG") || { log "benchmark: cannot read $CONFIG's width (see log)"; return 0; }
+    log "benchmark: Ec's training step (width $width), the cascade over Ec"
     timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda --amp \
         --only ec cascade --no-flops --size 320 --train-batch 32 \
         --config-file configs/Base-SSD.yaml --warmup 2 --repeats 10 \
-        --output "$OUT/benchmark_gpu.json" --opts MODEL.VGG.WIDTH_MULT 0.25 "${EXTRA[@]}" \
+        --output "$OUT/benchmark_gpu.json" --opts MODEL.VGG.WIDTH_MULT "$width" "${EXTRA[@]}" \
         >>"$LOG" 2>&1 || log "benchmark failed or was cut (see log)"
     [ "${TRAIN:-1}" = 0 ] || return 0
     local spec name size mode
