@@ -141,16 +141,17 @@ NUM='(nan|[0-9.]+)'
 # detections reaching the refiner. With TRAIN=0 also each cascade config at its own size, its
 # refiner plain and under torch.compile's CUDA graphs (benchmark_gpu_<config>_<mode>.json).
 bench() {
-    # Ec is timed on Base-SSD.yaml (an SSD, not the cascade) at $CONFIG's width, read from it
-    # so that the two cannot drift apart.
-    local width
-    width=$("$PY" -c 'import sys; from types import SimpleNamespace
+    # Ec is timed on Base-SSD.yaml (an SSD, not the cascade) at $CONFIG's width and input size,
+    # read from it so that the two cannot drift apart.
+    local width size
+    read -r width size < <("$PY" -c 'import sys; from types import SimpleNamespace
 from thyroid_det.engine.defaults import load_cfg
-print(load_cfg(SimpleNamespace(config_file=sys.argv[1], opts=[])).MODEL.VGG.WIDTH_MULT)' \
-        "$CONFIG" 2>>"$LOG") || { log "benchmark: cannot read $CONFIG's width (see log)"; return 0; }
-    log "benchmark: Ec's training step (width $width), the cascade over Ec"
+cfg = load_cfg(SimpleNamespace(config_file=sys.argv[1], opts=[]))
+print(cfg.MODEL.VGG.WIDTH_MULT, cfg.INPUT.FIXED_SIZE[0])' "$CONFIG" 2>>"$LOG")
+    [ -n "$size" ] || { log "benchmark: cannot read $CONFIG's width and size (see log)"; return 0; }
+    log "benchmark: Ec's training step (width $width, $size px), the cascade over Ec"
     timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda --amp \
-        --only ec cascade --no-flops --size 320 --train-batch 32 \
+        --only ec cascade --no-flops --size "$size" --train-batch 32 \
         --config-file configs/Base-SSD.yaml --warmup 2 --repeats 10 \
         --output "$OUT/benchmark_gpu.json" --opts MODEL.VGG.WIDTH_MULT "$width" "${EXTRA[@]}" \
         >>"$LOG" 2>&1 || log "benchmark failed or was cut (see log)"
