@@ -134,20 +134,20 @@ EXTRA=(${EXTRA_OPTS:-})
 
 NUM='(nan|[0-9.]+)'
 
-# tools/benchmark.py on this GPU, random weights at mccnn.yaml's 320 px and width (EXTRA_OPTS
-# after it): Ec's training step alone at batch 32 (forward, backward, torchvision's SGD step; bf16
+# tools/benchmark.py on this GPU, random weights at $CONFIG's input size and width (with
+# EXTRA_OPTS applied): Ec's training step alone at batch 32 (forward, backward, torchvision's SGD step; bf16
 # autocast), to compare with the trainer's seconds per iteration (loader, hooks, clipping, AdamW,
 # EMA on top), and the cascade's cost over Ec with exactly k
 # detections reaching the refiner. With TRAIN=0 also each cascade config at its own size, its
 # refiner plain and under torch.compile's CUDA graphs (benchmark_gpu_<config>_<mode>.json).
 bench() {
     # Ec is timed on Base-SSD.yaml (an SSD, not the cascade) at $CONFIG's width and input size,
-    # read from it so that the two cannot drift apart.
+    # read from it with EXTRA_OPTS applied, so that they match the job's (and its log line).
     local width size
     read -r width size < <("$PY" -c 'import sys; from types import SimpleNamespace
 from thyroid_det.engine.defaults import load_cfg
-cfg = load_cfg(SimpleNamespace(config_file=sys.argv[1], opts=[]))
-print(cfg.MODEL.VGG.WIDTH_MULT, cfg.INPUT.FIXED_SIZE[0])' "$CONFIG" 2>>"$LOG")
+cfg = load_cfg(SimpleNamespace(config_file=sys.argv[1], opts=sys.argv[2:]))
+print(cfg.MODEL.VGG.WIDTH_MULT, cfg.INPUT.FIXED_SIZE[0])' "$CONFIG" "${EXTRA[@]}" 2>>"$LOG")
     [ -n "$size" ] || { log "benchmark: cannot read $CONFIG's width and size (see log)"; return 0; }
     log "benchmark: Ec's training step (width $width, $size px), the cascade over Ec"
     timeout -s INT -k 10 "${BENCH_S:-60}" "$PY" tools/benchmark.py --device cuda --amp \
