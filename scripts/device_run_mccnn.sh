@@ -15,7 +15,8 @@
 # (4) train with tools/train_net.py under `timeout -s INT`, so that the script as a whole ends
 # by BUDGET_S: an interrupted run still leaves metrics.json with every evaluation made so far
 # (TEST.EVAL_PERIOD); (4b) tools/benchmark.py: Ec's bare training step and the cascade's cost
-# over Ec on the GPU; (5) summary table, learning curves, and the files below into $OUT.
+# over Ec on the GPU; (5) summary table, learning curves, and the files below into $OUT; (6) with
+# the time left, the final model evaluated again with test-time flips (in device_run.log).
 #
 # Brought back ($OUT, the 8 files a call may return): device_run.log (this script's output,
 # calibration and training logs included), summary.json (every evaluation's headline metrics;
@@ -42,6 +43,7 @@
 #   PLANNER=...        the planning script (scripts/plan_device_run.py); a rehearsal with a
 #                      missing one checks the fallback to SCHEDULE
 #   BENCH=1            0: no benchmark
+#   FLIP_EVAL=1        0: no evaluation with test-time flips at the end
 #   TRAIN=1            0: benchmarks only (more of them, see bench below; ~4-10 min; BENCH is
 #                      ignored), for a second call:
 #                      run(command="TRAIN=0 bash scripts/device_run_mccnn.sh", ...)
@@ -260,5 +262,18 @@ fi
 [ -f "$RUN/config.yaml" ] && cp "$RUN/config.yaml" "$OUT/"
 NODULES=$(ls -t "$RUN"/inference/*/nodule_metrics.json 2>/dev/null | head -1)
 [ -n "$NODULES" ] && cp "$NODULES" "$OUT/nodule_metrics.json"
+
+# (6) With what is left of the budget: the final model evaluated again with the test-time flips
+# (MODEL.SSD.TEST_FLIP, MODEL.REFINER.TEST_FLIP), its results in device_run.log only. Last, so
+# that a slow evaluation cuts nothing else.
+LEFT_S=$((BUDGET_S - ($(date +%s) - T0) - 10))
+if [ "${FLIP_EVAL:-1}" = 1 ] && [ -f "$RUN/model_final.pth" ] && [ "$LEFT_S" -gt 20 ]; then
+    log "evaluating model_final.pth with test-time flips, for at most ${LEFT_S}s"
+    timeout -s INT -k 5 "$LEFT_S" "$PY" tools/evaluate.py --config-file "$CONFIG" \
+        --dataset tn5000w_val --weights "$RUN/model_final.pth" --output "$WORK/flip_eval" \
+        "${OPTS[@]}" MODEL.SSD.TEST_FLIP True MODEL.REFINER.TEST_FLIP True 2>&1 | tee -a "$LOG" \
+        | grep -E "^\| (bbox(_agnostic)?\.AP50|nodule\.(recall50|auc)|seconds_per_image) " \
+        || log "the flip evaluation failed or was cut (see log)"
+fi
 log "done; back in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ "$TRAIN_RC" = 0 ] || [ "$TRAIN_RC" = 124 ] || [ "$TRAIN_RC" = 137 ] || exit "$TRAIN_RC"

@@ -108,6 +108,10 @@ def add_mccnn_config(cfg):
     _C.MODEL.SSD.FOCAL_LOSS_ALPHA = 0.25
     _C.MODEL.SSD.FOCAL_LOSS_GAMMA = 2.0
     _C.MODEL.SSD.PRIOR_PROB = 0.01
+    # Test-time flip: at inference Ec also sees the mirror image, and its predictions are
+    # averaged with the image's anchor by anchor before NMS (probabilities and box deltas);
+    # twice Ec's cost. Needs INPUT.FIXED_SIZE and anchors centred in their cells.
+    _C.MODEL.SSD.TEST_FLIP = False
     # Inference: minimum foreground score, candidates kept before NMS, NMS IoU.
     _C.MODEL.SSD.SCORE_THRESH_TEST = 0.01
     _C.MODEL.SSD.TOPK_CANDIDATES_TEST = 400
@@ -147,6 +151,8 @@ def add_mccnn_config(cfg):
     _C.MODEL.REFINER.FUSION = "product"
     # Crops per box averaged at test time (1 = the box itself; more add jittered crops).
     _C.MODEL.REFINER.TEST_CROPS = 1
+    # Average each test crop with its mirror image as well; twice the refiner's cost.
+    _C.MODEL.REFINER.TEST_FLIP = False
     # Training: jittered copies of each ground-truth box added to the crops, and the jitter
     # scale (fraction of box size) for those copies.
     _C.MODEL.REFINER.GT_JITTER_COPIES = 4

@@ -209,6 +209,37 @@ def test_test_crops_average_is_deterministic():
     assert not torch.allclose(a.fine_probs, c.fine_probs)
 
 
+def test_test_flip_averages_each_crop_with_its_mirror_image():
+    """The fine probabilities of a box are the mean of Ef on its crops and on their mirror
+    images, for each box of a batch and beside jittered test crops."""
+
+    class LeftHalf(nn.Module):  # logits (0, mean of the crop's left half): not mirror-invariant
+        def forward(self, x):
+            left = x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3))
+            return torch.stack([torch.zeros_like(left), left], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    images = ImageList(torch.rand(1, 1, 64, 64, generator=g) * 4, [(64, 64)])
+    dets = detections([[4, 4, 40, 40], [20, 10, 60, 50]], [0.5, 0.4], [0, 1], [[0.5, 0.5]] * 2)
+    for test_crops in (1, 3):
+        plain = heads(LeftHalf(), test_crops=test_crops).eval()
+        flipped = heads(LeftHalf(), test_crops=test_crops, test_flip=True).eval()
+        (out,), _ = flipped(images, {}, [dets])
+        boxes = [dets.proposal_boxes.tensor]
+        if test_crops > 1:
+            gen = torch.Generator().manual_seed(0)
+            boxes = [plain._with_test_jitter(boxes[0], gen)]
+        crops = plain.crops(images.tensor, boxes)
+        probs = [LeftHalf()(c).softmax(dim=1) for c in (crops, crops.flip(-1))]
+        expected = torch.cat([p.view(2, test_crops, 2) for p in probs], dim=1).mean(dim=1)
+        # outputs are sorted by score: match them to the input boxes by their boxes
+        for box, fine in zip(out.pred_boxes.tensor, out.fine_probs):
+            i = int((dets.proposal_boxes.tensor == box).all(dim=1).nonzero()[0])
+            torch.testing.assert_close(fine, expected[i])
+        (no_flip,), _ = plain(images, {}, [dets])
+        assert not torch.allclose(no_flip.fine_probs, out.fine_probs)
+
+
 def test_rpn_proposals_use_objectness_and_fine_probabilities():
     roi = heads(FixedProbs([0.3, 0.7]), fusion="product", proposals_per_image=2).eval()
     proposals = Instances((64, 64))

@@ -526,6 +526,52 @@ def test_inference_drops_non_finite_boxes(model):
     assert result.pred_boxes.tensor.tolist() == [[30, 30, 40, 40]] * 2
 
 
+def _detections(model, image):
+    with torch.no_grad():
+        (out,) = model([{"image": image}])
+    inst = out["instances"]
+    order = inst.scores.argsort(descending=True)
+    return inst.pred_boxes.tensor[order], inst.scores[order], inst.pred_classes[order]
+
+
+@pytest.mark.parametrize("loss_type", ["softmax_mined", "sigmoid_focal"])
+def test_test_flip_averages_the_mirror_image_anchor_by_anchor(loss_type):
+    """With MODEL.SSD.TEST_FLIP the detections on a mirrored image are the mirror of those on
+    the image (the image's and its mirror's predictions averaged per anchor, dx negated), and
+    they differ from the detections without it."""
+    cfg = tiny_cfg()
+    cfg.MODEL.SSD.CLS_LOSS_TYPE = loss_type
+    cfg.MODEL.SSD.TEST_FLIP = True
+    size = cfg.INPUT.FIXED_SIZE[0]
+    model = build(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, size, size, generator=g) * 80
+    image[:, 100:220, 60:200] += 120  # a bright nodule off the vertical axis
+
+    boxes, scores, classes = _detections(model, image)
+    mirror_boxes, mirror_scores, mirror_classes = _detections(model, image.flip(-1))
+    assert len(scores) > 10
+    torch.testing.assert_close(mirror_scores, scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(mirror_classes, classes)
+    x1, y1, x2, y2 = mirror_boxes.unbind(dim=1)
+    unmirrored = torch.stack([size - x2, y1, size - x1, y2], dim=1)
+    torch.testing.assert_close(unmirrored, boxes, rtol=0, atol=1e-2)
+
+    model.test_flip = False
+    plain_boxes, plain_scores, _ = _detections(model, image)
+    assert not torch.allclose(plain_scores[:10], scores[:10])
+
+
+def test_test_flip_rejects_anchors_the_mirror_does_not_map_onto_themselves():
+    cfg = tiny_cfg()
+    cfg.MODEL.SSD.TEST_FLIP = True
+    cfg.MODEL.ANCHOR_GENERATOR.OFFSET = 0.0
+    model = build(cfg).eval()
+    size = cfg.INPUT.FIXED_SIZE[0]
+    with pytest.raises(ValueError, match="TEST_FLIP.*level 0.*OFFSET 0.5"):
+        model([{"image": torch.zeros(1, size, size)}])
+
+
 def test_any_named_backbone_and_default_anchor_generator():
     cfg = make_cfg("Base-SSD.yaml")
     cfg.MODEL.DEVICE = "cpu"

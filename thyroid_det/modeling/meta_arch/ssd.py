@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..atss_matcher import ATSSMatcher
 from ..class_weights import check_class_weights
 from ..model_input import luma_enabled, luma_statistic, model_input_channels, resize_to, to_luma
+from .flip_test import average_probabilities, check_mirror_symmetric, mirror_dense_predictions
 from .ssd_head import SSDHead
 from .ssd_inference import ssd_inference_batch, ssd_inference_single_image
 from .ssd_loss import (
@@ -86,6 +87,7 @@ class MultiScaleSSD(DenseDetector):
         input_format: str = "L",
         luma_input: bool = False,
         fixed_size: Optional[Tuple[int, int]] = None,
+        test_flip: bool = False,
     ):
         """
         Args:
@@ -125,6 +127,9 @@ class MultiScaleSSD(DenseDetector):
                 normalisation (the backbone then takes 1 channel); 1-channel inputs pass as they are.
             fixed_size: (H, W) every input is resized to before normalisation (bilinear,
                 antialiased); None keeps the input's size.
+            test_flip: at inference, also run the backbone and head on the mirror image and
+                average the two predictions anchor by anchor (:mod:`.flip_test`): twice the
+                network's cost. Needs anchors symmetric under the mirror, and unpadded batches.
         """
         if len(pixel_mean) != len(pixel_std):
             raise ValueError(f"PIXEL_MEAN {pixel_mean} and PIXEL_STD {pixel_std} differ in length")
@@ -169,6 +174,7 @@ class MultiScaleSSD(DenseDetector):
         self.input_format = input_format
         self.fixed_size = tuple(fixed_size) if fixed_size else None
         self.num_logits = num_classes + (cls_loss_type == "softmax_mined")
+        self.test_flip = test_flip
 
     @classmethod
     def from_config(cls, cfg):
@@ -209,6 +215,7 @@ class MultiScaleSSD(DenseDetector):
             "input_format": cfg.INPUT.FORMAT,
             "luma_input": luma_enabled(cfg),
             "fixed_size": tuple(cfg.INPUT.FIXED_SIZE),
+            "test_flip": cfg.MODEL.SSD.TEST_FLIP,
         }
 
     def forward(self, batched_inputs: List[Dict]):
@@ -309,7 +316,40 @@ class MultiScaleSSD(DenseDetector):
 
     def forward_inference(self, images: ImageList, features: List[Tensor], predictions):
         anchors, pred_logits, pred_deltas = self.dense_outputs(images, features, predictions)
+        if self.test_flip:
+            pred_logits, pred_deltas = self.flip_averaged(
+                images, features, anchors, pred_logits, pred_deltas
+            )
         return self.ssd_inference(anchors, pred_logits, pred_deltas, images.image_sizes)
+
+    def flip_averaged(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        anchors: List[Boxes],
+        pred_logits: List[Tensor],
+        pred_deltas: List[Tensor],
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """The dense predictions averaged with those on the mirror image (``test_flip``):
+        probabilities averaged, box deltas averaged with the mirror's dx negated."""
+        height, width = images.tensor.shape[-2:]
+        if any(tuple(size) != (height, width) for size in images.image_sizes):
+            raise ValueError(
+                "MODEL.SSD.TEST_FLIP needs a batch of images of one size (INPUT.FIXED_SIZE): "
+                "the mirror of a padded batch is not the mirror of its images"
+            )
+        shapes = [tuple(f.shape[-2:]) for f in features]
+        check_mirror_symmetric(shapes, anchors, width)
+        mirror_features = self.backbone(images.tensor.flip(-1))
+        mirror_logits, mirror_deltas = self._transpose_dense_predictions(
+            self.head([mirror_features[f] for f in self.head_in_features]), [self.num_logits, 4]
+        )
+        mirror_logits = mirror_dense_predictions(shapes, mirror_logits)
+        mirror_deltas = mirror_dense_predictions(shapes, mirror_deltas, negate_dx=True)
+        sigmoid = self.cls_loss_type == "sigmoid_focal"
+        logits = [average_probabilities(a, b, sigmoid) for a, b in zip(pred_logits, mirror_logits)]
+        deltas = [(a + b) / 2 for a, b in zip(pred_deltas, mirror_deltas)]
+        return logits, deltas
 
     def forward_head(
         self, images: ImageList

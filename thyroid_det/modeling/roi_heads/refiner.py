@@ -152,6 +152,7 @@ class RefinerROIHeads(nn.Module):
         test_input_size: Optional[int] = None,
         fusion: str = "product",
         test_crops: int = 1,
+        test_flip: bool = False,
         gt_jitter_copies: int = 4,
         gt_jitter: float = 0.1,
         detection_iou: float = 0.5,
@@ -171,6 +172,7 @@ class RefinerROIHeads(nn.Module):
             context_margin: context around each box, as a fraction of its longer side per side.
             fusion: one of FUSION_MODES.
             test_crops: crops per box averaged at inference (the box, then jittered copies).
+            test_flip: also average each test crop's mirror image (twice the refiner's cost).
             gt_jitter_copies: jittered copies of each ground-truth box in training.
             gt_jitter: jitter scale (fraction of the box's size), for training and test crops.
             detection_iou: IoU with a ground truth above which an input box is a training crop.
@@ -198,6 +200,7 @@ class RefinerROIHeads(nn.Module):
         self.context_margin = context_margin
         self.fusion = fusion
         self.test_crops = test_crops
+        self.test_flip = test_flip
         self.gt_jitter_copies = gt_jitter_copies
         self.gt_jitter = gt_jitter
         self.batch_size_per_image = batch_size_per_image
@@ -227,6 +230,7 @@ class RefinerROIHeads(nn.Module):
             "context_margin": cfg.MODEL.REFINER.CONTEXT_MARGIN,
             "fusion": cfg.MODEL.REFINER.FUSION,
             "test_crops": cfg.MODEL.REFINER.TEST_CROPS,
+            "test_flip": cfg.MODEL.REFINER.TEST_FLIP,
             "gt_jitter_copies": cfg.MODEL.REFINER.GT_JITTER_COPIES,
             "gt_jitter": cfg.MODEL.REFINER.GT_JITTER,
             "detection_iou": cfg.MODEL.REFINER.DETECTION_IOU,
@@ -351,7 +355,8 @@ class RefinerROIHeads(nn.Module):
 
     def fine_probabilities(self, images: ImageList, boxes: List[torch.Tensor]) -> torch.Tensor:
         """Ef's class probabilities (sum Ki, num_classes) for every box, averaged over ``test_crops``
-        crops: the box, then copies jittered with a fixed seed (reproducible outputs)."""
+        crops (the box, then copies jittered with a fixed seed: reproducible outputs) and, with
+        ``test_flip``, their mirror images."""
         num_boxes = sum(len(b) for b in boxes)
         if num_boxes == 0:
             return images.tensor.new_zeros((0, self.num_classes))
@@ -359,8 +364,11 @@ class RefinerROIHeads(nn.Module):
             generator = torch.Generator(device=images.tensor.device).manual_seed(0)
             boxes = [self._with_test_jitter(b, generator) for b in boxes]
         crops = self.crops(images.tensor, boxes)
+        if self.test_flip:  # each crop followed by its mirror image: still box-major
+            crops = torch.stack([crops, crops.flip(-1)], dim=1).flatten(0, 1)
         probs = F.softmax(self.refiner(crops).float(), dim=1)
-        return probs.view(-1, self.test_crops, probs.shape[1]).mean(dim=1)
+        per_box = self.test_crops * (2 if self.test_flip else 1)
+        return probs.view(-1, per_box, probs.shape[1]).mean(dim=1)
 
     def _with_test_jitter(self, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Each box followed by its ``test_crops - 1`` jittered copies, (K * test_crops, 4)."""
