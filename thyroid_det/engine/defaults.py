@@ -93,17 +93,23 @@ def _file_setting(config_file, key):
     return None
 
 
-def setup_cfg(args, freeze=True):
+def setup_cfg(args, freeze=True, training=None):
     """get_cfg -> add_mccnn_config -> merge file -> merge opts -> freeze -> default_setup.
 
-    Falls back to the CPU, with a warning, when the config asks for CUDA and there is none.
-    Also registers the COCO datasets listed in ``DATASETS.COCO_REGISTER`` so that a config or the
-    command line alone can train and evaluate on them. Config errors: see :func:`load_cfg`.
+    Falls back to the CPU, with a warning, when the config asks for CUDA and there is none. Off
+    CUDA it turns ``SOLVER.AMP.ENABLED`` off: detectron2's AMPTrainer runs only on CUDA and
+    would stop the run at its first step (warned for ``training`` runs, by default those without
+    ``args.eval_only``). Also registers the COCO datasets listed in ``DATASETS.COCO_REGISTER`` so
+    that a config or the command line alone can train and evaluate on them. Config errors: see
+    :func:`load_cfg`.
     """
     cfg = load_cfg(args)
     asked_device = cfg.MODEL.DEVICE
     if asked_device.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    amp_off = cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda")
+    if amp_off:
+        cfg.SOLVER.AMP.ENABLED = False
     if freeze:
         cfg.freeze()
     default_setup(cfg, args)
@@ -111,6 +117,14 @@ def setup_cfg(args, freeze=True):
     if asked_device != cfg.MODEL.DEVICE:
         logging.getLogger("thyroid_det").warning(
             "MODEL.DEVICE is %r but no CUDA device is available: running on the CPU", asked_device
+        )
+    if training is None:
+        training = not getattr(args, "eval_only", False)
+    if amp_off and training:
+        logging.getLogger("thyroid_det").warning(
+            "SOLVER.AMP.ENABLED is True but MODEL.DEVICE is %r: training in fp32 "
+            "(detectron2's AMPTrainer needs CUDA)",
+            cfg.MODEL.DEVICE,
         )
     register_coco_datasets(cfg)
     return cfg
@@ -148,4 +162,4 @@ def setup_cfg_for_weights(args, tool, inputs=()):
     except OSError as e:
         raise SystemExit(f"{tool}: error: {e}") from None
     args.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights, "OUTPUT_DIR", args.output]
-    return setup_cfg(args)
+    return setup_cfg(args, training=False)
